@@ -1,0 +1,1 @@
+"""The ``blocksketch`` command line: thin click commands over the ``sketch`` library."""

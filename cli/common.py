@@ -1,0 +1,98 @@
+"""Options, output and progress shared by every command."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterable
+
+import click
+
+from sketch.blocks import DEFAULT_BLOCK_SIZE, check_block_size
+from sketch.errors import UsageError
+
+
+def _check_block_size(ctx, param, value):
+    if value is None:
+        return None
+    try:
+        return check_block_size(value)
+    except UsageError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+def block_size_option(default: int | None = DEFAULT_BLOCK_SIZE):
+    return click.option(
+        "--block-size",
+        type=int,
+        default=default,
+        show_default=default is not None,
+        callback=_check_block_size,
+        help="Block size in bytes: a power of two from 512 to 65536.",
+    )
+
+
+json_option = click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON instead of a table.")
+
+
+def emit_json(value) -> None:
+    click.echo(json.dumps(value, sort_keys=False))
+
+
+def show_progress(as_json: bool) -> bool:
+    """Progress bars go to a terminal only, and never with --json."""
+    return not as_json and sys.stderr.isatty()
+
+
+class Progress:
+    """A byte-count progress bar on stderr, or nothing when output is not a terminal."""
+
+    def __init__(self, enabled: bool, total: int, description: str):
+        self._bar = None
+        if enabled and total:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total, desc=description, unit="B", unit_scale=True, unit_divisor=1024,
+                             file=sys.stderr, leave=False, dynamic_ncols=True)
+
+    def __call__(self, done: int) -> None:
+        if self._bar is not None:
+            self._bar.update(done)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+    def __enter__(self) -> Progress:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
+def percent(ratio: float | None) -> str:
+    return "-" if ratio is None else f"{ratio * 100:.2f}%"
+
+
+def human_bytes(count: int | None) -> str:
+    if count is None:
+        return "-"
+    value = float(count)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{count} B"  # pragma: no cover
+
+
+def print_table(headers: list[str], rows: Iterable[list], right_align_from: int = 1) -> None:
+    rows = [[str(cell) for cell in row] for row in rows]
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
+
+    def line(cells):
+        return "  ".join(c.rjust(w) if i >= right_align_from else c.ljust(w)
+                         for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+
+    click.echo(line(headers))
+    for row in rows:
+        click.echo(line(row))

@@ -1,0 +1,1 @@
+"""The blocksketch HTTP query service."""

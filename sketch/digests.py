@@ -1,0 +1,223 @@
+"""Per-block digests of an image, computed on every core.
+
+The digests of an image are one numpy array of shape ``(n, 16)`` (uint8), block ``i`` in row
+``i``, plus a boolean array marking all-zero blocks. All-zero blocks are found with a vectorised
+OR-reduction and never hashed: their row holds the digest of an all-zero block so that the array
+stays uniform. Holes of sparse files are not read at all.
+
+Hashing runs in worker processes over byte ranges of the image (``hashlib`` keeps the GIL for
+inputs under 2 KiB, so threads cannot help); each worker opens the image itself, so only the
+digests cross process boundaries. Memory stays bounded: a worker holds one read chunk.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import multiprocessing
+import os
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+from .blocks import DEFAULT_BLOCK_SIZE, ImageSource, block_count, check_block_size, open_image
+from .errors import UsageError
+
+DIGEST_SIZE = 16
+ALGORITHMS = ("md5",)
+DEFAULT_ALGORITHM = "md5"
+
+READ_CHUNK = 4 << 20
+# A task is this many bytes of data; small enough to balance two cores on a sparse image,
+# large enough that the per-task overhead (pickling ~1 MiB of digests) is noise.
+TASK_BYTES = 32 << 20
+# Below this much data a process pool costs more than it saves.
+PARALLEL_MIN_BYTES = 16 << 20
+
+ProgressCallback = Callable[[int], None]
+
+
+def zero_block_digest(block_size: int, algorithm: str = DEFAULT_ALGORITHM) -> bytes:
+    """The digest of an all-zero block of ``block_size`` bytes."""
+    return _hasher(algorithm)(bytes(block_size)).digest()
+
+
+def _hasher(algorithm: str):
+    if algorithm not in ALGORITHMS:
+        raise UsageError(f"unknown digest algorithm {algorithm!r}; use one of {', '.join(ALGORITHMS)}")
+    return hashlib.md5
+
+
+@dataclass
+class ImageDigests:
+    """Digests of every block of one image."""
+
+    path: str
+    size_bytes: int
+    block_size: int
+    algorithm: str
+    digests: np.ndarray  # (n, 16) uint8
+    zero: np.ndarray  # (n,) bool, True where the block is all zeros
+
+    @property
+    def total_blocks(self) -> int:
+        return len(self.zero)
+
+    @property
+    def zero_blocks(self) -> int:
+        return int(np.count_nonzero(self.zero))
+
+
+def digest_chunk(buffer: memoryview, block_size: int, algorithm: str = DEFAULT_ALGORITHM) -> tuple[bytes, np.ndarray]:
+    """Digest the whole blocks in ``buffer``: the joined digests of its non-zero blocks and the zero mask."""
+    words = np.frombuffer(buffer, dtype=np.uint64).reshape(-1, block_size // 8)
+    nonzero = np.bitwise_or.reduce(words, axis=1) != 0
+    md5 = _hasher(algorithm)
+    offsets = (np.flatnonzero(nonzero) * block_size).tolist()
+    joined = b"".join([md5(buffer[o : o + block_size]).digest() for o in offsets])
+    return joined, ~nonzero
+
+
+def _digest_span(source: ImageSource, start: int, stop: int, block_size: int, algorithm: str,
+                 digests: np.ndarray, zero: np.ndarray, progress: ProgressCallback | None) -> None:
+    """Digest bytes ``[start, stop)`` (block aligned) into rows of ``digests``/``zero``."""
+    chunk = bytearray(min(READ_CHUNK, stop - start))
+    view = memoryview(chunk)
+    position = start
+    while position < stop:
+        length = min(len(chunk), stop - position)
+        length += -length % block_size
+        part = view[:length]
+        source.read_into(position, part)
+        joined, is_zero = digest_chunk(part, block_size, algorithm)
+        first = position // block_size
+        rows = slice(first, first + len(is_zero))
+        zero[rows] = is_zero
+        digests[rows][~is_zero] = np.frombuffer(joined, dtype=np.uint8).reshape(-1, DIGEST_SIZE)
+        position += length
+        if progress:
+            progress(length)
+
+
+def _data_spans(source: ImageSource, block_size: int, size_bytes: int) -> list[tuple[int, int]]:
+    """Block-aligned ``(start, stop)`` byte spans covering every data extent, merged and cut into tasks."""
+    spans: list[list[int]] = []
+    padded = block_count(size_bytes, block_size) * block_size
+    for offset, length in source.data_extents(0, size_bytes):
+        start = offset - offset % block_size
+        stop = min(padded, offset + length + (-(offset + length) % block_size))
+        if spans and start <= spans[-1][1]:
+            spans[-1][1] = max(spans[-1][1], stop)
+        else:
+            spans.append([start, stop])
+    tasks = []
+    for start, stop in spans:
+        for task_start in range(start, stop, TASK_BYTES):
+            tasks.append((task_start, min(stop, task_start + TASK_BYTES)))
+    return tasks
+
+
+_worker_sources: dict[tuple[str, str], ImageSource] = {}
+
+
+def _worker_digest(path: str, image_format: str, start: int, stop: int, block_size: int, algorithm: str):
+    key = (path, image_format)
+    source = _worker_sources.get(key)
+    if source is None:
+        for old in _worker_sources.values():
+            old.close()
+        _worker_sources.clear()
+        source = _worker_sources[key] = open_image(path, image_format)
+    first = start // block_size
+    count = (stop - start) // block_size
+    digests = np.zeros((count, DIGEST_SIZE), dtype=np.uint8)
+    zero = np.zeros(count, dtype=bool)
+    shifted = _Shifted(source, start)
+    _digest_span(shifted, 0, stop - start, block_size, algorithm, digests, zero, None)
+    return first, digests, zero
+
+
+class _Shifted:
+    """A view of a source whose offset 0 is ``base`` in the real image."""
+
+    def __init__(self, source: ImageSource, base: int):
+        self._source = source
+        self._base = base
+
+    def read_into(self, offset: int, buffer: memoryview) -> None:
+        self._source.read_into(self._base + offset, buffer)
+
+
+_pool: ProcessPoolExecutor | None = None
+_pool_pid = 0
+
+
+def default_workers() -> int:
+    """Worker processes used for hashing: one per usable core."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+def _get_pool(workers: int) -> ProcessPoolExecutor:
+    global _pool, _pool_pid
+    if _pool is None or _pool_pid != os.getpid() or _pool._max_workers != workers:
+        # fork: workers inherit the imported modules, so a pool starts in milliseconds.
+        _pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("fork"))
+        _pool_pid = os.getpid()
+    return _pool
+
+
+def digest_source(source: ImageSource, block_size: int = DEFAULT_BLOCK_SIZE, algorithm: str = DEFAULT_ALGORITHM,
+                  workers: int | None = None, progress: ProgressCallback | None = None) -> ImageDigests:
+    """Digest every block of an open image source."""
+    check_block_size(block_size)
+    size_bytes = source.size_bytes
+    total = block_count(size_bytes, block_size)
+    digests = np.empty((total, DIGEST_SIZE), dtype=np.uint8)
+    digests[:] = np.frombuffer(zero_block_digest(block_size, algorithm), dtype=np.uint8)
+    zero = np.ones(total, dtype=bool)
+    spans = _data_spans(source, block_size, size_bytes)
+    data_bytes = sum(stop - start for start, stop in spans)
+    workers = default_workers() if workers is None else max(1, workers)
+    if workers == 1 or data_bytes < PARALLEL_MIN_BYTES or len(spans) < 2:
+        for start, stop in spans:
+            _digest_span(source, start, stop, block_size, algorithm, digests, zero, progress)
+    else:
+        pool = _get_pool(workers)
+        jobs = [pool.submit(_worker_digest, source.path, source.format, start, stop, block_size, algorithm)
+                for start, stop in spans]
+        try:
+            for job, (start, stop) in zip(jobs, spans):
+                first, part, part_zero = job.result()
+                digests[first : first + len(part_zero)] = part
+                zero[first : first + len(part_zero)] = part_zero
+                if progress:
+                    progress(stop - start)
+        finally:
+            for job in jobs:
+                job.cancel()
+    return ImageDigests(source.path, size_bytes, block_size, algorithm, digests, zero)
+
+
+def digest_image(path: str, block_size: int = DEFAULT_BLOCK_SIZE, algorithm: str = DEFAULT_ALGORITHM,
+                 image_format: str | None = None, workers: int | None = None,
+                 progress: ProgressCallback | None = None) -> ImageDigests:
+    """Digest every block of the image at ``path`` (format detected by magic unless given)."""
+    check_block_size(block_size)
+    source = open_image(path, image_format)
+    try:
+        return digest_source(source, block_size, algorithm, workers, progress)
+    finally:
+        source.close()
+
+
+def data_bytes(path: str, block_size: int = DEFAULT_BLOCK_SIZE, image_format: str | None = None) -> int:
+    """Bytes that digesting ``path`` will actually read (its data extents), for progress bars."""
+    source = open_image(path, image_format)
+    try:
+        return sum(stop - start for start, stop in _data_spans(source, block_size, source.size_bytes))
+    finally:
+        source.close()
