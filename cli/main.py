@@ -56,10 +56,15 @@ def main(ctx: click.Context, debug: bool) -> None:
 
 
 def _register() -> None:
-    from . import compare_cmd, demo_cmd
+    """Add every ``cli/*_cmd.py`` module's ``command``: one small module per command."""
+    import importlib
+    import pkgutil
 
-    for module in (compare_cmd, demo_cmd):
-        main.add_command(module.command)
+    from . import __path__ as package_path
+
+    for info in sorted(pkgutil.iter_modules(package_path), key=lambda i: i.name):
+        if info.name.endswith("_cmd"):
+            main.add_command(importlib.import_module(f"{__package__}.{info.name}").command)
 
 
 _register()
