@@ -5,9 +5,11 @@ The digests of an image are one numpy array of shape ``(n, 16)`` (uint8), block 
 OR-reduction and never hashed: their row holds the digest of an all-zero block so that the array
 stays uniform. Holes of sparse files are not read at all.
 
-Hashing runs in worker processes over byte ranges of the image (``hashlib`` keeps the GIL for
-inputs under 2 KiB, so threads cannot help); each worker opens the image itself, so only the
-digests cross process boundaries. Memory stays bounded: a worker holds one read chunk.
+Hashing runs on every core over byte ranges of the image. The C accelerator
+(``sketch/_blockhash.c``) hashes a whole chunk with the GIL released, so worker threads share the
+digest array directly; without it (no compiler at install time), ``hashlib`` per block keeps the
+GIL for inputs under 2 KiB, so worker processes are used instead and only digests cross process
+boundaries. Each worker opens the image itself and holds one read chunk: memory stays bounded.
 """
 
 from __future__ import annotations
@@ -15,8 +17,9 @@ from __future__ import annotations
 import hashlib
 import multiprocessing
 import os
+import threading
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -36,6 +39,11 @@ TASK_BYTES = 32 << 20
 PARALLEL_MIN_BYTES = 16 << 20
 
 ProgressCallback = Callable[[int], None]
+
+try:
+    from . import _blockhash
+except ImportError:  # built without a C compiler: hashlib per block, in processes
+    _blockhash = None
 
 
 def zero_block_digest(block_size: int, algorithm: str = DEFAULT_ALGORITHM) -> bytes:
@@ -69,14 +77,22 @@ class ImageDigests:
         return int(np.count_nonzero(self.zero))
 
 
-def digest_chunk(buffer: memoryview, block_size: int, algorithm: str = DEFAULT_ALGORITHM) -> tuple[bytes, np.ndarray]:
-    """Digest the whole blocks in ``buffer``: the joined digests of its non-zero blocks and the zero mask."""
+def digest_chunk(buffer: memoryview, block_size: int, digests: np.ndarray, zero: np.ndarray,
+                 algorithm: str = DEFAULT_ALGORITHM) -> None:
+    """Digest the whole blocks in ``buffer`` into the matching rows of ``digests`` and ``zero``.
+
+    Rows of all-zero blocks in ``digests`` are left as they are.
+    """
+    md5 = _hasher(algorithm)
+    if _blockhash is not None and algorithm == "md5":
+        _blockhash.md5_blocks(buffer, block_size, digests, zero.view(np.uint8))
+        return
     words = np.frombuffer(buffer, dtype=np.uint64).reshape(-1, block_size // 8)
     nonzero = np.bitwise_or.reduce(words, axis=1) != 0
-    md5 = _hasher(algorithm)
     offsets = (np.flatnonzero(nonzero) * block_size).tolist()
     joined = b"".join([md5(buffer[o : o + block_size]).digest() for o in offsets])
-    return joined, ~nonzero
+    zero[:] = ~nonzero
+    digests[nonzero] = np.frombuffer(joined, dtype=np.uint8).reshape(-1, DIGEST_SIZE)
 
 
 def _digest_span(source: ImageSource, start: int, stop: int, block_size: int, algorithm: str,
@@ -90,14 +106,19 @@ def _digest_span(source: ImageSource, start: int, stop: int, block_size: int, al
         length += -length % block_size
         part = view[:length]
         source.read_into(position, part)
-        joined, is_zero = digest_chunk(part, block_size, algorithm)
         first = position // block_size
-        rows = slice(first, first + len(is_zero))
-        zero[rows] = is_zero
-        digests[rows][~is_zero] = np.frombuffer(joined, dtype=np.uint8).reshape(-1, DIGEST_SIZE)
+        rows = slice(first, first + length // block_size)
+        digest_chunk(part, block_size, digests[rows], zero[rows], algorithm)
         position += length
         if progress:
             progress(length)
+
+
+def _zero_filled(count: int, block_size: int, algorithm: str) -> np.ndarray:
+    """Digest rows for ``count`` blocks, each preset to the all-zero block's digest (holes stay so)."""
+    digests = np.empty((count, DIGEST_SIZE), dtype=np.uint8)
+    digests[:] = np.frombuffer(zero_block_digest(block_size, algorithm), dtype=np.uint8)
+    return digests
 
 
 def _data_spans(source: ImageSource, block_size: int, size_bytes: int) -> list[tuple[int, int]]:
@@ -131,8 +152,8 @@ def _worker_digest(path: str, image_format: str, start: int, stop: int, block_si
         source = _worker_sources[key] = open_image(path, image_format)
     first = start // block_size
     count = (stop - start) // block_size
-    digests = np.zeros((count, DIGEST_SIZE), dtype=np.uint8)
-    zero = np.zeros(count, dtype=bool)
+    digests = _zero_filled(count, block_size, algorithm)
+    zero = np.ones(count, dtype=bool)
     shifted = _Shifted(source, start)
     _digest_span(shifted, 0, stop - start, block_size, algorithm, digests, zero, None)
     return first, digests, zero
@@ -170,14 +191,42 @@ def _get_pool(workers: int) -> ProcessPoolExecutor:
     return _pool
 
 
+def _digest_in_threads(source: ImageSource, spans: list[tuple[int, int]], block_size: int, algorithm: str,
+                       digests: np.ndarray, zero: np.ndarray, progress: ProgressCallback | None,
+                       workers: int) -> None:
+    """Digest spans on worker threads, each with its own open image (qcow2 caches are per reader)."""
+    local = threading.local()
+    opened: list[ImageSource] = []
+    lock = threading.Lock()
+
+    def report(done: int) -> None:
+        with lock:
+            progress(done)
+
+    def work(span: tuple[int, int]) -> None:
+        reader = getattr(local, "reader", None)
+        if reader is None:
+            reader = local.reader = open_image(source.path, source.format)
+            with lock:
+                opened.append(reader)
+        _digest_span(reader, span[0], span[1], block_size, algorithm, digests, zero, report if progress else None)
+
+    try:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            for _ in pool.map(work, spans):
+                pass
+    finally:
+        for reader in opened:
+            reader.close()
+
+
 def digest_source(source: ImageSource, block_size: int = DEFAULT_BLOCK_SIZE, algorithm: str = DEFAULT_ALGORITHM,
                   workers: int | None = None, progress: ProgressCallback | None = None) -> ImageDigests:
     """Digest every block of an open image source."""
     check_block_size(block_size)
     size_bytes = source.size_bytes
     total = block_count(size_bytes, block_size)
-    digests = np.empty((total, DIGEST_SIZE), dtype=np.uint8)
-    digests[:] = np.frombuffer(zero_block_digest(block_size, algorithm), dtype=np.uint8)
+    digests = _zero_filled(total, block_size, algorithm)
     zero = np.ones(total, dtype=bool)
     spans = _data_spans(source, block_size, size_bytes)
     data_bytes = sum(stop - start for start, stop in spans)
@@ -185,6 +234,8 @@ def digest_source(source: ImageSource, block_size: int = DEFAULT_BLOCK_SIZE, alg
     if workers == 1 or data_bytes < PARALLEL_MIN_BYTES or len(spans) < 2:
         for start, stop in spans:
             _digest_span(source, start, stop, block_size, algorithm, digests, zero, progress)
+    elif _blockhash is not None:
+        _digest_in_threads(source, spans, block_size, algorithm, digests, zero, progress, workers)
     else:
         pool = _get_pool(workers)
         jobs = [pool.submit(_worker_digest, source.path, source.format, start, stop, block_size, algorithm)

@@ -1,0 +1,103 @@
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from sketch.blocks import RawImage, check_block_size
+from sketch.digests import digest_image, zero_block_digest
+from sketch.errors import ImageError, UsageError
+from tests.reference import reference_digests
+
+
+def random_data(size: int, seed: int = 0) -> bytes:
+    return np.random.default_rng(seed).integers(0, 256, size, dtype=np.uint8).tobytes()
+
+
+@pytest.mark.parametrize("block_size", [512, 4096, 65536])
+@pytest.mark.parametrize("tail", [0, 1, 511])
+def test_digests_match_per_block_md5_with_zero_padded_tail(tmp_path, block_size, tail):
+    data = random_data(5 * block_size) + bytes(2 * block_size) + random_data(block_size + tail, 1)
+    path = tmp_path / "img"
+    path.write_bytes(data)
+    result = digest_image(str(path), block_size)
+    expected = reference_digests(data, block_size)
+    assert result.digests.shape == (len(expected), 16)
+    assert [bytes(row) for row in result.digests] == expected
+    assert result.zero.tolist() == [d == zero_block_digest(block_size) for d in expected]
+
+
+def test_parallel_digest_equals_single_process(tmp_path):
+    rng = np.random.default_rng(3)
+    blocks = rng.integers(0, 256, (150_000, 512), dtype=np.uint8)
+    blocks[rng.random(150_000) < 0.3] = 0
+    path = tmp_path / "big.img"
+    path.write_bytes(blocks.tobytes())
+    parallel = digest_image(str(path), 512, workers=2)
+    serial = digest_image(str(path), 512, workers=1)
+    assert np.array_equal(parallel.digests, serial.digests)
+    assert np.array_equal(parallel.zero, serial.zero)
+    assert parallel.zero_blocks == int((~blocks.any(axis=1)).sum())
+
+
+def test_holes_of_sparse_files_are_not_read(tmp_path):
+    path = tmp_path / "sparse.img"
+    with open(path, "wb") as handle:
+        handle.truncate(8 << 30)
+        handle.seek(3 << 30)
+        handle.write(random_data(1 << 20))
+    with RawImage(str(path)) as image:
+        extents = list(image.data_extents(0, image.size_bytes))
+    assert sum(length for _, length in extents) < 64 << 20  # the file system may round up
+    result = digest_image(str(path), 4096)
+    assert result.total_blocks == (8 << 30) // 4096
+    assert result.total_blocks - result.zero_blocks == 256
+
+
+def test_peak_memory_stays_bounded_on_a_large_sparse_image(tmp_path):
+    # 4 GiB image, 256 MiB of data: resident memory must not grow with the image.
+    path = tmp_path / "large.img"
+    with open(path, "wb") as handle:
+        handle.truncate(4 << 30)
+        chunk = random_data(16 << 20)
+        for index in range(16):
+            handle.seek(index * (256 << 20))
+            handle.write(chunk)
+    code = (
+        "import resource, sys; from sketch.digests import digest_image;"
+        f"r = digest_image({str(path)!r}, 4096);"
+        "digest_mb = r.digests.nbytes / 2**20;"
+        "peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024;"
+        "print(peak - digest_mb)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    beyond_digests = float(out.stdout)
+    assert beyond_digests < 200, f"{beyond_digests:.0f} MiB beyond the digest array"  # interpreter, numpy, chunks
+
+
+@pytest.mark.parametrize("bad", [0, 100, 1000, 256, 131072, 3 * 512])
+def test_block_size_must_be_a_power_of_two_in_range(bad):
+    with pytest.raises(UsageError):
+        check_block_size(bad)
+
+
+def test_missing_empty_and_directory_images_are_clear_errors(tmp_path):
+    empty = tmp_path / "empty.img"
+    empty.write_bytes(b"")
+    with pytest.raises(ImageError, match="empty"):
+        digest_image(str(empty))
+    with pytest.raises(ImageError, match="no such image"):
+        digest_image(str(tmp_path / "missing.img"))
+    with pytest.raises(UsageError, match="directory"):
+        digest_image(str(tmp_path))
+
+
+def test_unreadable_image_is_a_clear_error(tmp_path):
+    path = tmp_path / "locked.img"
+    path.write_bytes(b"x" * 512)
+    os.chmod(path, 0)
+    if os.access(path, os.R_OK):  # root reads anything: use a path it cannot open instead
+        path = "/proc/1/mem"
+    with pytest.raises(ImageError):
+        digest_image(str(path))
