@@ -1,0 +1,77 @@
+"""``blocksketch manifest``: classify every block of an image against a destination host's images."""
+
+from __future__ import annotations
+
+import os
+
+import click
+
+from sketch.digests import data_bytes
+from sketch.manifest import KIND_NAMES, LocalImage, Manifest
+from sketch.manifest_build import build_manifest
+from store import open_store
+
+from .common import (
+    Progress,
+    block_size_option,
+    emit_json,
+    human_bytes,
+    json_option,
+    print_table,
+    redis_option,
+    show_progress,
+)
+
+
+def manifest_from_store(store, image: str, host: str, block_size: int | None, progress: bool) -> Manifest:
+    """Build the manifest of ``image`` against every image ``host`` has in the index."""
+    block_size = store.check_block_size(block_size)
+    targets = [(LocalImage.from_info(info), block_map) for info, block_map in store.host_block_maps(host)]
+    total = data_bytes(image, block_size)
+    name = os.path.basename(image)
+    with Progress(progress, total, f"digest {name}") as digest_bar, \
+            Progress(progress, total, f"verify {name}") as seal_bar:
+        return build_manifest(os.path.abspath(image), host, targets, block_size,
+                              digest_progress=digest_bar, seal_progress=seal_bar)
+
+
+def summary_rows(summary: dict) -> list[list]:
+    return [[kind, summary["blocks"][kind], human_bytes(summary["bytes"][kind]), summary["runs"][kind]]
+            for kind in KIND_NAMES]
+
+
+@click.command("manifest")
+@click.argument("image", type=click.Path(dir_okay=False))
+@click.option("--to", "host", required=True, help="Destination host, as named in the index.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
+              help="Manifest file to write [default: IMAGE's name + .HOST.manifest, here].")
+@block_size_option(default=None)
+@redis_option
+@json_option
+def command(image: str, host: str, output: str | None, block_size: int | None, redis_url: str | None,
+            as_json: bool) -> None:
+    """Write the transfer manifest of IMAGE for host HOST (--to).
+
+    Every block of IMAGE is classified exactly against all images the index lists for HOST: zero
+    (a hole), local (HOST already has the content: copied there from its own image, verified by
+    SHA-256), send (first occurrence of a content HOST lacks: goes in the bundle) or dup (a later
+    copy of a sent block). The block size defaults to the index's. Then run `blocksketch pack`
+    here and `blocksketch apply` on HOST.
+
+    \b
+    Example:
+      blocksketch manifest vm.img --to node-7 -o vm.manifest
+      blocksketch manifest vm.img --to node-7 -o vm.manifest --json
+    """
+    output = output or f"{os.path.basename(image)}.{host}.manifest"
+    with open_store(redis_url) as store:
+        manifest = manifest_from_store(store, image, host, block_size, show_progress(as_json))
+    size = manifest.save(output)
+    summary = {"manifest": output, "manifest_bytes": size, **manifest.summary()}
+    if as_json:
+        emit_json(summary)
+        return
+    click.echo(f"{image} -> {host}: {manifest.total_blocks} blocks of {manifest.block_size} B, "
+               f"{len(manifest.images)} local image(s) used")
+    print_table(["kind", "blocks", "bytes", "runs"], summary_rows(summary))
+    click.echo(f"manifest: {output} ({human_bytes(size)})")

@@ -1,0 +1,81 @@
+"""``blocksketch migrate``: manifest, pack and apply in one go, on one machine."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import click
+
+from sketch.apply import OUTPUT_FORMATS, MissingBlocks
+from sketch.bundle import pack_bundle
+from store import open_store
+
+from .apply_cmd import apply_with_store
+from .common import (
+    block_size_option,
+    emit_json,
+    human_bytes,
+    json_option,
+    percent,
+    print_table,
+    redis_option,
+    show_progress,
+)
+from .manifest_cmd import manifest_from_store, summary_rows
+
+
+@click.command("migrate")
+@click.argument("image", type=click.Path(dir_okay=False))
+@click.option("--to", "host", required=True, help="Destination host, as named in the index.")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Image file to create.")
+@click.option("--force", is_flag=True, help="Overwrite OUTPUT if it exists.")
+@click.option("--output-format", type=click.Choice(OUTPUT_FORMATS), default="raw", show_default=True,
+              help="Write a sparse raw image, or convert it to qcow2 once verified.")
+@block_size_option(default=None)
+@redis_option
+@json_option
+def command(image: str, host: str, output: str, force: bool, output_format: str, block_size: int | None,
+            redis_url: str | None, as_json: bool) -> None:
+    """Move IMAGE to OUTPUT as host HOST (--to) would receive it: manifest, pack, apply.
+
+    For when source and destination share a machine (a test, or a host reachable by file
+    system): reports the bytes that would cross the WAN (manifest + bundle, plus any extra bundle
+    needed because a local image changed since it was indexed) against the image's size.
+
+    \b
+    Example:
+      blocksketch migrate vm.img --to node-7 -o /var/lib/images/vm.img
+      blocksketch migrate vm.img --to node-7 -o vm.copy --json
+    """
+    progress = show_progress(as_json)
+    directory = os.path.dirname(os.path.abspath(output))
+    with open_store(redis_url) as store, \
+            tempfile.TemporaryDirectory(dir=directory, prefix=".blocksketch-migrate-") as scratch:
+        manifest = manifest_from_store(store, image, host, block_size, progress)
+        manifest_bytes = manifest.save(os.path.join(scratch, "manifest"))
+        bundle = os.path.join(scratch, "bundle")
+        bundle_bytes = pack_bundle(image, manifest, bundle).bytes_written
+        bundles = [bundle]
+        extra_bytes = 0
+        try:
+            result = apply_with_store(store, manifest, bundles, output, host, force, output_format,
+                                      os.path.join(scratch, "missing.json"), progress)
+        except MissingBlocks as missing:
+            extra = os.path.join(scratch, "extra")
+            extra_bytes = pack_bundle(image, manifest, extra, (missing.start, missing.count)).bytes_written
+            result = apply_with_store(store, manifest, [bundle, extra], output, host, force, output_format,
+                                      os.path.join(scratch, "missing.json"), progress)
+    wan = manifest_bytes + bundle_bytes + extra_bytes
+    summary = manifest.summary()
+    report = {"image": image, "host": host, "output": result.output, "size_bytes": manifest.size_bytes,
+              "block_size": manifest.block_size, "blocks": summary["blocks"], "bytes": summary["bytes"],
+              "runs": summary["runs"], "manifest_bytes": manifest_bytes, "bundle_bytes": bundle_bytes,
+              "extra_bundle_bytes": extra_bytes, "wan_bytes": wan, "wan_ratio": wan / manifest.size_bytes}
+    if as_json:
+        emit_json(report)
+        return
+    print_table(["kind", "blocks", "bytes", "runs"], summary_rows(summary))
+    click.echo(f"{result.output}: rebuilt and verified; WAN bytes {human_bytes(wan)} (manifest "
+               f"{human_bytes(manifest_bytes)} + bundle {human_bytes(bundle_bytes + extra_bytes)}) = "
+               f"{percent(report['wan_ratio'])} of {human_bytes(manifest.size_bytes)}")

@@ -1,0 +1,323 @@
+"""Bundles: the blocks a destination lacks, compressed, with integrity data, streamed.
+
+A bundle holds a list of source blocks in order: either the manifest's SEND blocks (contents
+``send``: each missing content once) or explicit block ranges (contents ``ranges``: what apply
+reported it still needs). The blocks are one zstd stream through one compression context (so
+the whole bundle compresses like ``zstd -3`` of the blocks), flushed into frames of
+``FRAME_BYTES`` of raw data; every frame carries its lengths and a checksum, and a trailer closes
+the bundle with a checksum over the header and every frame checksum. Memory stays bounded by one
+frame and one image segment, reading or writing.
+
+Byte layout (version 1; integers little-endian; docs/manifest-format.md has the full table):
+
+- header: ``b"BSKBUNDL"``, u16 version, u16 reserved, u32 ``H``, then ``H`` bytes of msgpack map
+  (schema, version, manifest_id, block_size, size_bytes, contents, ranges, blocks, compression,
+  level, frame_bytes), then SHA-256 of everything before it (32 bytes);
+- frames: u32 raw length (whole blocks), u32 compressed length, 16 bytes = SHA-256 of the
+  compressed bytes truncated, then the compressed bytes;
+- trailer: a frame header of zeros (24 bytes), u64 frame count, u64 raw bytes, 32 bytes =
+  SHA-256 over the header checksum and every frame checksum, ``b"BSKBEND\\0"``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import struct
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import BinaryIO
+
+import msgpack
+import numpy as np
+import zstandard
+
+from .blocks import open_image
+from .errors import FormatError, UsageError, VerificationError
+from .imagesum import TreeHasher, iter_segments
+from .manifest import SEND, Manifest
+from .ranges import merge_ranges
+
+MAGIC = b"BSKBUNDL"
+END_MAGIC = b"BSKBEND\0"
+VERSION = 1
+SCHEMA = "blocksketch.bundle"
+FRAME_BYTES = 4 << 20
+MAX_FRAME_BYTES = 64 << 20
+MAX_HEADER_BYTES = 1 << 30
+DEFAULT_LEVEL = 3
+_PREFIX = struct.Struct("<8sHHI")
+_FRAME = struct.Struct("<II16s")
+_TRAILER = struct.Struct("<QQ32s8s")
+
+Progress = Callable[[int], None]
+
+
+@dataclass
+class BundleInfo:
+    """What a bundle holds: ``blocks`` source blocks, in the order of the ranges."""
+
+    path: str
+    manifest_id: bytes
+    block_size: int
+    contents: str  # "send" or "ranges"
+    start: np.ndarray  # (k,) int64 first block of each range
+    count: np.ndarray  # (k,) int64 blocks in each range
+    blocks: int
+    bytes_written: int = 0
+    raw_bytes: int = 0
+
+
+def bundle_ranges(manifest: Manifest, ranges: tuple[np.ndarray, np.ndarray] | None) -> tuple[np.ndarray, np.ndarray]:
+    """The block ranges a bundle holds: the SEND runs, or ``ranges`` merged."""
+    if ranges is None:
+        start, count = manifest.runs_of(SEND)
+        return start.astype(np.int64), count.astype(np.int64)
+    return merge_ranges(*ranges)
+
+
+def pack_bundle(image_path: str, manifest: Manifest, output: str, ranges: tuple[np.ndarray, np.ndarray] | None = None,
+                level: int = DEFAULT_LEVEL, progress: Progress | None = None) -> BundleInfo:
+    """Write the bundle of ``image_path`` for ``manifest`` to ``output`` (atomically).
+
+    Checks while packing that the image still has the manifest's whole-image checksum; if not,
+    no bundle is left behind.
+    """
+    start, count = bundle_ranges(manifest, ranges)
+    total = manifest.total_blocks
+    if len(start) and int((start + count).max()) > total:
+        raise UsageError("ranges name blocks outside the image")
+    contents = "send" if ranges is None else "ranges"
+    header = {"schema": SCHEMA, "version": VERSION, "manifest_id": manifest.manifest_id,
+              "block_size": manifest.block_size, "size_bytes": manifest.size_bytes, "contents": contents,
+              "ranges": b"" if ranges is None else np.stack([start, count], axis=1).astype("<u8").tobytes(),
+              "blocks": int(count.sum()), "compression": "zstd", "level": level, "frame_bytes": FRAME_BYTES}
+    directory = os.path.dirname(os.path.abspath(output))
+    temp = os.path.join(directory, f".{os.path.basename(output)}.tmp-{os.getpid()}")
+    source = open_image(image_path)
+    try:
+        if source.size_bytes != manifest.size_bytes:
+            raise VerificationError(f"image {image_path} is {source.size_bytes} bytes but the manifest describes "
+                                    f"{manifest.size_bytes}; rebuild the manifest")
+        with open(temp, "wb") as handle:
+            writer = _Writer(handle, header, level)
+            checksum = _stream_blocks(source, manifest.block_size, start, count, writer, progress)
+            if checksum != manifest.checksum:
+                raise VerificationError(f"image {image_path} no longer matches the manifest (its checksum differs); "
+                                        "rebuild the manifest")
+            writer.finish()
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temp, output)
+    except OSError as exc:
+        raise UsageError(f"cannot write bundle {output}: {exc.strerror}") from None
+    finally:
+        source.close()
+        try:
+            os.unlink(temp)
+        except FileNotFoundError:
+            pass
+    return BundleInfo(output, manifest.manifest_id, manifest.block_size, contents, start, count, int(count.sum()),
+                      writer.bytes_written, writer.raw_bytes)
+
+
+def _stream_blocks(source, block_size: int, start: np.ndarray, count: np.ndarray, writer: _Writer,
+                   progress: Progress | None) -> bytes:
+    """Feed the blocks of the ranges to ``writer`` in order, checksumming the whole image on the way."""
+    begin = (start * block_size).tolist()
+    end = ((start + count) * block_size).tolist()
+    at = 0
+    threads = 1 if getattr(source, "format", "") == "raw" else 0
+    with TreeHasher(source.size_bytes, threads=threads) as tree:
+        for offset, length, data in iter_segments(source):
+            tree.add(length, data)
+            blocks = -(-length // block_size)
+            segment_end = offset + blocks * block_size
+            while at < len(begin) and begin[at] < segment_end:
+                a = max(begin[at], offset)
+                b = min(end[at], segment_end)
+                if data is None:
+                    writer.write(bytes(b - a))
+                elif b - offset > length:  # the partial last block, zero padded
+                    writer.write(bytes(data[a - offset : length]) + bytes(b - offset - length))
+                else:
+                    writer.write(data[a - offset : b - offset])
+                if end[at] > segment_end:
+                    break
+                at += 1
+            if progress and data is not None:
+                progress(length)
+        return tree.digest()
+
+
+class _Writer:
+    """Frames of one zstd stream, each flushed at a block boundary."""
+
+    def __init__(self, handle: BinaryIO, header: dict, level: int):
+        self._handle = handle
+        body = msgpack.packb(header, use_bin_type=True)
+        prefix = _PREFIX.pack(MAGIC, VERSION, 0, len(body)) + body
+        header_sum = hashlib.sha256(prefix).digest()
+        handle.write(prefix + header_sum)
+        self._chain = hashlib.sha256(header_sum)
+        self._compressor = zstandard.ZstdCompressor(level=level, write_checksum=True).compressobj()
+        self._pending = bytearray()
+        self.frames = 0
+        self.bytes_written = len(prefix) + len(header_sum)
+        self.raw_bytes = 0
+
+    def write(self, data) -> None:
+        self._pending += data
+        while len(self._pending) >= FRAME_BYTES:
+            self._frame(bytes(self._pending[:FRAME_BYTES]), zstandard.COMPRESSOBJ_FLUSH_BLOCK)
+            del self._pending[:FRAME_BYTES]
+
+    def _frame(self, raw: bytes, flush: int) -> None:
+        packed = self._compressor.compress(raw) + self._compressor.flush(flush)
+        check = hashlib.sha256(packed).digest()[:16]
+        self._handle.write(_FRAME.pack(len(raw), len(packed), check))
+        self._handle.write(packed)
+        self._chain.update(check)
+        self.frames += 1
+        self.bytes_written += _FRAME.size + len(packed)
+        self.raw_bytes += len(raw)
+
+    def finish(self) -> None:
+        if self._pending or self.frames:
+            self._frame(bytes(self._pending), zstandard.COMPRESSOBJ_FLUSH_FINISH)
+            self._pending.clear()
+        trailer = _FRAME.pack(0, 0, bytes(16)) + _TRAILER.pack(self.frames, self.raw_bytes, self._chain.digest(),
+                                                               END_MAGIC)
+        self._handle.write(trailer)
+        self.bytes_written += len(trailer)
+
+
+class BundleReader:
+    """Reads a bundle sequentially (a pipe is fine) and yields its blocks with their positions."""
+
+    def __init__(self, handle: BinaryIO, manifest: Manifest, what: str):
+        self._handle = handle
+        self.what = what
+        self._manifest = manifest
+        prefix = self._read(_PREFIX.size, "header")
+        magic, version, _reserved, length = _PREFIX.unpack(prefix)
+        if magic != MAGIC:
+            raise FormatError(f"{what} is not a blocksketch bundle (bad magic)")
+        if version != VERSION:
+            raise FormatError(f"{what} has unknown version {version} (this blocksketch reads {VERSION})")
+        if length > MAX_HEADER_BYTES:
+            raise FormatError(f"{what} is corrupt (header length)")
+        body = self._read(length, "header")
+        header_sum = self._read(32, "header")
+        if hashlib.sha256(prefix + body).digest() != header_sum:
+            raise FormatError(f"{what} is corrupt (header checksum mismatch)")
+        try:
+            header = msgpack.unpackb(body, raw=False, strict_map_key=True)
+        except Exception as exc:  # msgpack raises several unrelated classes
+            raise FormatError(f"{what} is corrupt ({type(exc).__name__})") from None
+        if not isinstance(header, dict) or header.get("schema") != SCHEMA or header.get("version") != VERSION:
+            raise FormatError(f"{what} is corrupt (not a {SCHEMA} v{VERSION} header)")
+        if header.get("manifest_id") != manifest.manifest_id:
+            raise UsageError(f"{what} was packed for another manifest")
+        if header.get("block_size") != manifest.block_size or header.get("size_bytes") != manifest.size_bytes:
+            raise FormatError(f"{what} is corrupt (block size or image size disagree with the manifest)")
+        if header.get("compression") != "zstd":
+            raise FormatError(f"{what} uses unknown compression {header.get('compression')!r}")
+        self.contents = header.get("contents")
+        if self.contents == "send":
+            self.start, self.count = bundle_ranges(manifest, None)
+        elif self.contents == "ranges":
+            raw = header.get("ranges")
+            if not isinstance(raw, bytes) or len(raw) % 16:
+                raise FormatError(f"{what} is corrupt (ranges)")
+            pairs = np.frombuffer(raw, dtype="<u8").reshape(-1, 2).astype(np.int64)
+            self.start, self.count = pairs[:, 0].copy(), pairs[:, 1].copy()
+            if (self.count <= 0).any() or (self.start < 0).any() \
+                    or (self.start + self.count > manifest.total_blocks).any() \
+                    or (len(self.start) > 1 and (self.start[1:] < self.start[:-1] + self.count[:-1]).any()):
+                raise FormatError(f"{what} is corrupt (ranges)")
+        else:
+            raise FormatError(f"{what} has unknown contents {self.contents!r}")
+        self.blocks = int(self.count.sum())
+        if header.get("blocks") != self.blocks:
+            raise FormatError(f"{what} is corrupt (block count)")
+        self._chain = hashlib.sha256(header_sum)
+
+    def _read(self, size: int, part: str) -> bytes:
+        data = self._handle.read(size)
+        if len(data) != size:
+            raise FormatError(f"{self.what} is truncated (in its {part})")
+        return data
+
+    def frames(self) -> Iterator[bytes]:
+        """The raw bytes of every frame, each verified; ends after checking the trailer."""
+        block_size = self._manifest.block_size
+        decompressor = zstandard.ZstdDecompressor().decompressobj()
+        frames = 0
+        raw_total = 0
+        expected = self.blocks * block_size
+        while True:
+            raw_length, packed_length, check = _FRAME.unpack(self._read(_FRAME.size, "frames"))
+            if raw_length == 0 and packed_length == 0:
+                break
+            if raw_length % block_size or raw_length > MAX_FRAME_BYTES or raw_total + raw_length > expected \
+                    or packed_length > MAX_FRAME_BYTES + (1 << 20):
+                raise FormatError(f"{self.what} is corrupt (frame {frames} lengths)")
+            packed = self._read(packed_length, f"frame {frames}")
+            if hashlib.sha256(packed).digest()[:16] != check:
+                raise FormatError(f"{self.what} is corrupt (frame {frames} checksum mismatch)")
+            self._chain.update(check)
+            try:
+                raw = decompressor.decompress(packed)
+            except zstandard.ZstdError as exc:
+                raise FormatError(f"{self.what} is corrupt (frame {frames}: {exc})") from None
+            if len(raw) != raw_length:
+                raise FormatError(f"{self.what} is corrupt (frame {frames} decompressed to the wrong size)")
+            frames += 1
+            raw_total += raw_length
+            yield raw
+        count, raw_bytes, chain, end = _TRAILER.unpack(self._read(_TRAILER.size, "trailer"))
+        if end != END_MAGIC or count != frames or raw_bytes != raw_total or chain != self._chain.digest():
+            raise FormatError(f"{self.what} is corrupt (trailer mismatch)")
+        if raw_total != expected:
+            raise FormatError(f"{self.what} is truncated ({raw_total} of {expected} bytes of blocks)")
+        if self._handle.read(1):
+            raise FormatError(f"{self.what} has stray bytes after its end")
+
+    def placed(self) -> Iterator[tuple[int, memoryview]]:
+        """``(first_block, data)`` pieces: ``data`` (whole blocks) belongs at ``first_block``."""
+        block_size = self._manifest.block_size
+        starts = self.start.tolist()
+        counts = self.count.tolist()
+        at = 0
+        used = 0  # blocks of range ``at`` already placed
+        for raw in self.frames():
+            view = memoryview(raw)
+            while len(view):
+                take = min(counts[at] - used, len(view) // block_size)
+                yield starts[at] + used, view[: take * block_size]
+                view = view[take * block_size :]
+                used += take
+                if used == counts[at]:
+                    at += 1
+                    used = 0
+
+
+def open_bundle(path: str, manifest: Manifest) -> tuple[BinaryIO, BundleReader]:
+    """Open ``path`` (``-`` for stdin) and read its header."""
+    what = "bundle from stdin" if path == "-" else f"bundle {path}"
+    if path == "-":
+        import sys
+
+        handle = sys.stdin.buffer
+    else:
+        try:
+            handle = open(path, "rb")
+        except OSError as exc:
+            raise UsageError(f"cannot read bundle {path}: {exc.strerror}") from None
+    try:
+        return handle, BundleReader(handle, manifest, what)
+    except BaseException:
+        handle.close()
+        raise
+

@@ -1,0 +1,138 @@
+"""The whole-image checksum that a transfer ends on: a SHA-256 tree over fixed segments.
+
+Definition (version 1, ``sha256-tree-4m``), for an image of ``size`` bytes:
+
+- the image is cut into segments of ``SEGMENT_BYTES`` (4 MiB); the last one may be shorter;
+- ``leaf[k] = SHA-256(bytes of segment k)``;
+- ``checksum = SHA-256(b"blocksketch sha256-tree v1\\0" || u64le(size) || u64le(SEGMENT_BYTES) ||
+  leaf[0] || leaf[1] || ...)``.
+
+Why a tree and not one SHA-256 stream: segments that are holes of a sparse file hash to a known
+leaf without being read (a 1 GiB ext4 image is ~75% holes), and segments hash on two cores at once
+(``hashlib`` releases the GIL for large inputs). SHA-256 rather than BLAKE2b: with SHA-NI it runs at
+~1.2 GB/s here, BLAKE2b at ~0.5 GB/s (measured 2026-11-26, see benchmarks/RESULTS.md).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+from .blocks import ImageSource
+
+SEGMENT_BYTES = 4 << 20
+CHECKSUM_ALGORITHM = "sha256-tree-4m"
+_DOMAIN = b"blocksketch sha256-tree v1\0"
+
+_zero_leaves: dict[int, bytes] = {}
+
+
+def zero_leaf(length: int) -> bytes:
+    """The leaf of a segment of ``length`` zero bytes (cached: holes are never read)."""
+    leaf = _zero_leaves.get(length)
+    if leaf is None:
+        leaf = _zero_leaves[length] = hashlib.sha256(bytes(length)).digest()
+    return leaf
+
+
+def segment_count(size_bytes: int) -> int:
+    return -(-size_bytes // SEGMENT_BYTES)
+
+
+def root(size_bytes: int, leaves: list[bytes]) -> bytes:
+    """Combine the leaves of every segment into the image checksum."""
+    if len(leaves) != segment_count(size_bytes):
+        raise ValueError("one leaf per segment is needed")
+    outer = hashlib.sha256(_DOMAIN)
+    outer.update(struct.pack("<QQ", size_bytes, SEGMENT_BYTES))
+    outer.update(b"".join(leaves))
+    return outer.digest()
+
+
+def data_segments(source: ImageSource) -> list[bool]:
+    """For every segment, whether it may hold data (False: wholly inside a hole)."""
+    has_data = [False] * segment_count(source.size_bytes)
+    for offset, length in source.data_extents(0, source.size_bytes):
+        if length <= 0:
+            continue
+        for k in range(offset // SEGMENT_BYTES, (offset + length - 1) // SEGMENT_BYTES + 1):
+            has_data[k] = True
+    return has_data
+
+
+def iter_segments(source: ImageSource) -> Iterator[tuple[int, int, memoryview | None]]:
+    """Yield ``(offset, length, data)`` per segment in order; ``data`` is None for a hole.
+
+    Each segment gets a fresh buffer, so a consumer may hand it to another thread.
+    """
+    size = source.size_bytes
+    for k, has_data in enumerate(data_segments(source)):
+        offset = k * SEGMENT_BYTES
+        length = min(SEGMENT_BYTES, size - offset)
+        if not has_data:
+            yield offset, length, None
+            continue
+        buffer = memoryview(bytearray(length))
+        source.read_into(offset, buffer)
+        yield offset, length, buffer
+
+
+def leaf(length: int, data: memoryview | None) -> bytes:
+    return zero_leaf(length) if data is None else hashlib.sha256(data).digest()
+
+
+class TreeHasher:
+    """Hash segments on a helper thread while the caller works on the same buffers (read-only)."""
+
+    def __init__(self, size_bytes: int, threads: int = 1):
+        self.size_bytes = size_bytes
+        self._pool = ThreadPoolExecutor(max_workers=threads) if threads > 0 else None
+        self._leaves: list = []
+
+    def add(self, length: int, data: memoryview | None) -> None:
+        """Add the next segment in order."""
+        if data is None or self._pool is None:
+            self._leaves.append(leaf(length, data))
+        else:
+            self._leaves.append(self._pool.submit(leaf, length, data))
+
+    def digest(self) -> bytes:
+        leaves = [x if isinstance(x, bytes) else x.result() for x in self._leaves]
+        self.close()
+        return root(self.size_bytes, leaves)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+
+    def __enter__(self) -> TreeHasher:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
+def image_checksum(source: ImageSource, threads: int = 2, progress: Callable[[int], None] | None = None) -> bytes:
+    """The whole-image checksum of ``source`` (holes are not read)."""
+    size = source.size_bytes
+    has_data = data_segments(source)
+
+    def one(k: int) -> bytes:
+        offset = k * SEGMENT_BYTES
+        length = min(SEGMENT_BYTES, size - offset)
+        if not has_data[k]:
+            return zero_leaf(length)
+        buffer = memoryview(bytearray(length))
+        source.read_into(offset, buffer)
+        return hashlib.sha256(buffer).digest()
+
+    leaves: list[bytes] = []
+    with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+        for k, value in enumerate(pool.map(one, range(len(has_data)))):
+            leaves.append(value)
+            if progress and has_data[k]:
+                progress(min(SEGMENT_BYTES, size - k * SEGMENT_BYTES))
+    return root(size, leaves)

@@ -1,0 +1,330 @@
+"""Transfer manifests: how to rebuild an image on a destination host, run by run.
+
+A manifest classifies every block of a source image (see :mod:`sketch.manifest_build`):
+
+- ``ZERO``: all zeros; becomes a hole in the output;
+- ``LOCAL``: the content is in an image the destination already holds; the run records that
+  image and the block offset there, and the SHA-256 of the run's bytes as the source has them, so
+  apply never writes a block it has not verified;
+- ``SEND``: the first occurrence of a non-zero content the destination lacks; its bytes travel in
+  a bundle (:mod:`sketch.bundle`);
+- ``DUP``: a later occurrence of a SEND content; copied from the first occurrence at the
+  destination, never sent twice.
+
+Consecutive blocks of one kind and source coalesce into runs. The byte format is defined field by
+field in docs/manifest-format.md; in short: a 52-byte envelope (magic ``BSKMANIF``, version,
+body length, SHA-256 of the body) followed by a zstd-compressed msgpack map whose run arrays are
+packed little-endian numpy arrays in bin fields.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import struct
+from dataclasses import dataclass, field
+
+import msgpack
+import numpy as np
+import zstandard
+
+from .blocks import MAX_BLOCK_SIZE, block_count, check_block_size
+from .digests import ALGORITHMS
+from .errors import FormatError, UsageError
+from .imagesum import CHECKSUM_ALGORITHM
+
+ZERO, LOCAL, SEND, DUP = 0, 1, 2, 3
+KIND_NAMES = ("zero", "local", "send", "dup")
+
+MAGIC = b"BSKMANIF"
+VERSION = 1
+SCHEMA = "blocksketch.manifest"
+_ENVELOPE = struct.Struct("<8sHHQ32s")  # magic, version, reserved, body length, SHA-256(body)
+ENVELOPE_SIZE = _ENVELOPE.size  # 52
+RUN_HASH = "sha256"
+RUN_HASH_SIZE = 32
+# The body is small next to the bundle, so spend time compressing it.
+BODY_ZSTD_LEVEL = 19
+MAX_BODY_BYTES = 4 << 30
+
+
+@dataclass(frozen=True)
+class LocalImage:
+    """A destination image as the destination's index records it (its identity, not a trusted path)."""
+
+    host: str
+    path: str
+    image_id: str
+    size_bytes: int
+    mtime_ns: int
+
+    @classmethod
+    def from_info(cls, info) -> LocalImage:
+        """From a ``store`` ImageInfo (or anything with the same attributes)."""
+        return cls(str(info.host), str(info.path), str(info.image_id), int(info.size_bytes), int(info.mtime_ns))
+
+    def matches(self, info) -> bool:
+        """Whether an index entry still describes the same image as when the manifest was built."""
+        return (str(info.host), str(info.path), str(info.image_id), int(info.size_bytes), int(info.mtime_ns)) == (
+            self.host, self.path, self.image_id, self.size_bytes, self.mtime_ns)
+
+    def as_dict(self) -> dict:
+        return {"host": self.host, "path": self.path, "image_id": self.image_id,
+                "size_bytes": self.size_bytes, "mtime_ns": self.mtime_ns}
+
+
+@dataclass
+class Manifest:
+    """A decoded manifest. Run arrays are numpy; ``runs_start`` is derived from the lengths."""
+
+    size_bytes: int
+    block_size: int
+    algorithm: str
+    host: str
+    checksum: bytes  # whole-image checksum (sketch.imagesum)
+    images: list[LocalImage]
+    run_kind: np.ndarray  # (r,) uint8
+    run_length: np.ndarray  # (r,) uint64, blocks
+    local_image: np.ndarray  # (l,) uint32: index into images, per LOCAL run
+    local_block: np.ndarray  # (l,) uint64: first block of the run in that image
+    local_hash: np.ndarray  # (l, 32) uint8: SHA-256 of the run's source bytes (full blocks)
+    dup_origin: np.ndarray  # (d,) uint64: first source block copied, per DUP run
+    source_path: str = ""
+    checksum_algorithm: str = CHECKSUM_ALGORITHM
+    _id: bytes | None = field(default=None, repr=False)
+
+    @property
+    def total_blocks(self) -> int:
+        return block_count(self.size_bytes, self.block_size)
+
+    @property
+    def run_start(self) -> np.ndarray:
+        starts = np.zeros(len(self.run_length), dtype=np.uint64)
+        np.cumsum(self.run_length[:-1], out=starts[1:])
+        return starts
+
+    def runs_of(self, kind: int) -> tuple[np.ndarray, np.ndarray]:
+        """``(start, length)`` block arrays of the runs of one kind, in source order."""
+        mask = self.run_kind == kind
+        return self.run_start[mask], self.run_length[mask]
+
+    def block_counts(self) -> dict[str, int]:
+        counts = np.bincount(self.run_kind, weights=self.run_length, minlength=4)
+        return {name: int(counts[k]) for k, name in enumerate(KIND_NAMES)}
+
+    def byte_counts(self) -> dict[str, int]:
+        """Image bytes per kind (the partial last block counts its real bytes only)."""
+        out = {name: n * self.block_size for name, n in self.block_counts().items()}
+        if len(self.run_kind):
+            out[KIND_NAMES[int(self.run_kind[-1])]] -= self.total_blocks * self.block_size - self.size_bytes
+        return out
+
+    @property
+    def manifest_id(self) -> bytes:
+        """SHA-256 of the encoded body: bundles and ranges files name their manifest by it."""
+        if self._id is None:
+            self.to_bytes()
+        return self._id
+
+    def summary(self) -> dict:
+        """The numbers ``blocksketch manifest --json`` prints."""
+        return {"size_bytes": self.size_bytes, "block_size": self.block_size, "host": self.host,
+                "blocks": self.block_counts(), "bytes": self.byte_counts(),
+                "runs": {name: int(np.count_nonzero(self.run_kind == k)) for k, name in enumerate(KIND_NAMES)},
+                "images": [i.as_dict() for i in self.images]}
+
+    # -- encoding -------------------------------------------------------------------------------
+
+    def _body(self) -> dict:
+        return {
+            "schema": SCHEMA,
+            "version": VERSION,
+            "size_bytes": self.size_bytes,
+            "block_size": self.block_size,
+            "algorithm": self.algorithm,
+            "host": self.host,
+            "source_path": self.source_path,
+            "checksum": {"algorithm": self.checksum_algorithm, "digest": self.checksum},
+            "run_hash": RUN_HASH,
+            "images": [i.as_dict() for i in self.images],
+            "counts": self.block_counts(),
+            "runs": {"kind": _pack(self.run_kind, "u1"), "length": _pack(self.run_length, "<u8")},
+            # Offsets in a local image are stored relative to the run's source start: images
+            # built from similar trees put files at similar places, so the deltas compress well.
+            "local": {"image": _pack(self.local_image, "<u4"),
+                      "delta": _pack(self.local_block.astype(np.int64)
+                                     - self.run_start[self.run_kind == LOCAL].astype(np.int64), "<i8"),
+                      "sha256": _pack(self.local_hash, "u1")},
+            "dup": {"delta": _pack(self.run_start[self.run_kind == DUP] - self.dup_origin, "<u8")},
+        }
+
+    def to_bytes(self) -> bytes:
+        """The manifest file's bytes."""
+        raw = msgpack.packb(self._body(), use_bin_type=True)
+        body = zstandard.ZstdCompressor(level=BODY_ZSTD_LEVEL).compress(raw)
+        digest = hashlib.sha256(body).digest()
+        self._id = digest
+        return _ENVELOPE.pack(MAGIC, VERSION, 0, len(body), digest) + body
+
+    @classmethod
+    def from_bytes(cls, data: bytes, what: str = "manifest") -> Manifest:
+        """Decode and validate; any damage or inconsistency is a FormatError naming ``what``."""
+        if len(data) < ENVELOPE_SIZE:
+            raise FormatError(f"{what} is truncated or not a blocksketch manifest")
+        magic, version, _reserved, length, digest = _ENVELOPE.unpack_from(data)
+        if magic != MAGIC:
+            raise FormatError(f"{what} is not a blocksketch manifest (bad magic)")
+        if version != VERSION:
+            raise FormatError(f"{what} has unknown version {version} (this blocksketch reads {VERSION}); "
+                              "upgrade blocksketch or rebuild the manifest")
+        body = data[ENVELOPE_SIZE:]
+        if len(body) < length:
+            raise FormatError(f"{what} is truncated ({len(data)} of {ENVELOPE_SIZE + length} bytes)")
+        if len(body) > length:
+            raise FormatError(f"{what} has {len(body) - length} stray bytes after its end")
+        if hashlib.sha256(body).digest() != digest:
+            raise FormatError(f"{what} is corrupt (checksum mismatch)")
+        try:
+            raw = zstandard.ZstdDecompressor().decompress(body, max_output_size=MAX_BODY_BYTES)
+            doc = msgpack.unpackb(raw, raw=False, strict_map_key=True)
+        except Exception as exc:  # zstd and msgpack raise several unrelated classes
+            raise FormatError(f"{what} is corrupt ({type(exc).__name__})") from None
+        manifest = _decode(doc, what)
+        manifest._id = digest
+        return manifest
+
+    def save(self, path: str) -> int:
+        """Write atomically (temp file, rename); return the file's size."""
+        data = self.to_bytes()
+        write_atomic(path, data)
+        return len(data)
+
+    @classmethod
+    def load(cls, path: str) -> Manifest:
+        try:
+            with open(path, "rb") as handle:
+                data = handle.read()
+        except OSError as exc:
+            raise UsageError(f"cannot read manifest {path}: {exc.strerror}") from None
+        return cls.from_bytes(data, f"manifest {path}")
+
+
+def write_atomic(path: str, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temp file in the same directory and a rename."""
+    directory = os.path.dirname(os.path.abspath(path))
+    temp = os.path.join(directory, f".{os.path.basename(path)}.tmp-{os.getpid()}")
+    try:
+        with open(temp, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temp, path)
+    except OSError as exc:
+        _unlink(temp)
+        raise UsageError(f"cannot write {path}: {exc.strerror}") from None
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def _pack(array: np.ndarray, dtype: str) -> bytes:
+    return np.ascontiguousarray(array, dtype=np.dtype(dtype)).tobytes()
+
+
+def _unpack(doc: dict, name: str, dtype: str, what: str, count: int | None = None, width: int = 1) -> np.ndarray:
+    value = doc.get(name) if isinstance(doc, dict) else None
+    if not isinstance(value, bytes):
+        raise FormatError(f"{what} is corrupt (field {name!r} missing)")
+    itemsize = np.dtype(dtype).itemsize * width
+    if len(value) % itemsize or (count is not None and len(value) // itemsize != count):
+        raise FormatError(f"{what} is corrupt (field {name!r} has the wrong length)")
+    array = np.frombuffer(value, dtype=np.dtype(dtype))
+    return array.reshape(-1, width) if width > 1 else array
+
+
+def _field(doc: dict, name: str, kind, what: str):
+    value = doc.get(name)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise FormatError(f"{what} is corrupt (field {name!r} missing or of the wrong type)")
+    return value
+
+
+def _decode(doc, what: str) -> Manifest:
+    if not isinstance(doc, dict) or doc.get("schema") != SCHEMA:
+        raise FormatError(f"{what} is corrupt (not a {SCHEMA} document)")
+    if doc.get("version") != VERSION:
+        raise FormatError(f"{what} has unknown schema version {doc.get('version')!r}")
+    size_bytes = _field(doc, "size_bytes", int, what)
+    block_size = _field(doc, "block_size", int, what)
+    algorithm = _field(doc, "algorithm", str, what)
+    if size_bytes <= 0 or block_size > MAX_BLOCK_SIZE:
+        raise FormatError(f"{what} is corrupt (bad size)")
+    try:
+        check_block_size(block_size)
+    except UsageError:
+        raise FormatError(f"{what} is corrupt (bad block size {block_size})") from None
+    if algorithm not in ALGORITHMS:
+        raise FormatError(f"{what} uses unknown digest algorithm {algorithm!r}")
+    checksum = _field(doc, "checksum", dict, what)
+    if checksum.get("algorithm") != CHECKSUM_ALGORITHM or not isinstance(checksum.get("digest"), bytes) \
+            or len(checksum["digest"]) != 32:
+        raise FormatError(f"{what} uses an unknown image checksum {checksum.get('algorithm')!r}")
+    if doc.get("run_hash") != RUN_HASH:
+        raise FormatError(f"{what} uses an unknown run hash {doc.get('run_hash')!r}")
+    images = []
+    for entry in _field(doc, "images", list, what):
+        if not isinstance(entry, dict):
+            raise FormatError(f"{what} is corrupt (bad image entry)")
+        images.append(LocalImage(_field(entry, "host", str, what), _field(entry, "path", str, what),
+                                 _field(entry, "image_id", str, what), _field(entry, "size_bytes", int, what),
+                                 _field(entry, "mtime_ns", int, what)))
+    runs = _field(doc, "runs", dict, what)
+    kind = _unpack(runs, "kind", "u1", what)
+    length = _unpack(runs, "length", "<u8", what, len(kind)).astype(np.uint64)
+    local = _field(doc, "local", dict, what)
+    n_local = int(np.count_nonzero(kind == LOCAL))
+    local_image = _unpack(local, "image", "<u4", what, n_local).astype(np.uint32)
+    local_delta = _unpack(local, "delta", "<i8", what, n_local).astype(np.int64)
+    local_hash = _unpack(local, "sha256", "u1", what, n_local, RUN_HASH_SIZE)
+    dup = _field(doc, "dup", dict, what)
+    dup_delta = _unpack(dup, "delta", "<u8", what, int(np.count_nonzero(kind == DUP))).astype(np.uint64)
+    host = _field(doc, "host", str, what)
+    source_path = doc.get("source_path") if isinstance(doc.get("source_path"), str) else ""
+
+    # Structure: the runs tile the image exactly and every reference points somewhere valid.
+    total = block_count(size_bytes, block_size)
+    if (kind > DUP).any() or (length == 0).any() or int(length.sum(dtype=np.uint64)) != total \
+            or len(length) > total:
+        raise FormatError(f"{what} is corrupt (runs do not cover the image)")
+    manifest = Manifest(size_bytes, block_size, algorithm, host, checksum["digest"], images, kind, length,
+                        local_image, np.zeros(0, np.uint64), np.ascontiguousarray(local_hash), np.zeros(0, np.uint64),
+                        source_path)
+    start = manifest.run_start
+    local_start = start[kind == LOCAL].astype(np.int64)
+    local_block = local_start + local_delta
+    if n_local:
+        if (local_image >= len(images)).any() or (local_block < 0).any():
+            raise FormatError(f"{what} is corrupt (bad local run)")
+        image_blocks = np.array([block_count(i.size_bytes, block_size) for i in images], dtype=np.int64)
+        if (local_block + length[kind == LOCAL].astype(np.int64) > image_blocks[local_image]).any():
+            raise FormatError(f"{what} is corrupt (a local run reaches past its image)")
+    manifest.local_block = local_block.astype(np.uint64)
+    dup_start = start[kind == DUP]
+    if (dup_delta == 0).any() or (dup_delta > dup_start).any():
+        raise FormatError(f"{what} is corrupt (bad duplicate run)")
+    manifest.dup_origin = dup_start - dup_delta
+    if len(dup_delta):
+        # A DUP run copies SEND blocks that precede it.
+        send_start, send_length = manifest.runs_of(SEND)
+        dup_length = length[kind == DUP]
+        at = np.searchsorted(send_start, manifest.dup_origin, side="right") - 1
+        if (at < 0).any() or (manifest.dup_origin + dup_length > send_start[at] + send_length[at]).any():
+            raise FormatError(f"{what} is corrupt (a duplicate run copies blocks that are not sent)")
+    counts = doc.get("counts")
+    if counts != manifest.block_counts():
+        raise FormatError(f"{what} is corrupt (block counts disagree with its runs)")
+    return manifest

@@ -1,0 +1,275 @@
+"""Building a manifest: the exact pass of a source image against every image of a destination host.
+
+Three steps, all vectorised over blocks (Python loops run per run, never per block):
+
+1. classify (:func:`plan_blocks`): every block is ZERO, LOCAL (its content is in a destination
+   image: take the block map's ``first`` block there), SEND (first occurrence of a content the
+   destination lacks) or DUP (a later occurrence of a SEND content). Destination images are
+   tried in order of how many source blocks they hold, so most LOCAL blocks come from the best
+   image and runs stay long;
+2. coalesce (:func:`plan_runs`): consecutive blocks of one kind and source become runs (a LOCAL
+   run maps consecutive source blocks to consecutive blocks of one image; a DUP run copies
+   consecutive earlier blocks); LOCAL runs are cut at ``MAX_LOCAL_RUN_BYTES`` so that a stale
+   local block costs at most that much to re-send;
+3. verify and seal (:func:`_seal`): one streaming read of the source computes the whole-image
+   checksum and the SHA-256 of every LOCAL run, and checks that the image did not change since
+   it was digested. Before that, every DUP block is compared byte for byte with the block it
+   copies, so an MD5 collision inside the source becomes a SEND block instead of a wrong copy.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from .blockmap import BlockMap, digest_keys, lexsort_keys
+from .blocks import DEFAULT_BLOCK_SIZE, ImageSource, check_block_size, open_image
+from .digests import DEFAULT_ALGORITHM, ImageDigests, digest_source
+from .errors import BlockSizeMismatch, ImageError
+from .imagesum import TreeHasher, iter_segments
+from .manifest import DUP, LOCAL, RUN_HASH_SIZE, SEND, LocalImage, Manifest
+
+MAX_LOCAL_RUN_BYTES = 1 << 20
+# DUP runs are compared in pieces of this many bytes (bounded memory).
+COMPARE_BYTES = 4 << 20
+
+Progress = Callable[[int], None]
+
+
+def find_keys(sorted_keys: np.ndarray, queries: np.ndarray) -> np.ndarray:
+    """For each ``(q, 2)`` query key, its row in the sorted unique ``sorted_keys``, or -1."""
+    found = np.full(len(queries), -1, dtype=np.int64)
+    if len(sorted_keys) == 0 or len(queries) == 0:
+        return found
+    high = sorted_keys[:, 0]
+    index = np.searchsorted(high, queries[:, 0], side="left")
+    np.minimum(index, len(high) - 1, out=index)
+    same_high = high[index] == queries[:, 0]
+    hit = same_high & (sorted_keys[index, 1] == queries[:, 1])
+    found[hit] = index[hit]
+    # Rare: other digests with the same first 8 bytes follow the row found.
+    for position in np.flatnonzero(same_high & ~hit).tolist():
+        at = int(index[position])
+        wanted_high, wanted_low = queries[position]
+        while at < len(high) and high[at] == wanted_high:
+            if sorted_keys[at, 1] == wanted_low:
+                found[position] = at
+                break
+            at += 1
+    return found
+
+
+@dataclass
+class BlockPlan:
+    """Per-block classification of a source image."""
+
+    kind: np.ndarray  # (n,) uint8: ZERO, LOCAL, SEND or DUP
+    ref: np.ndarray  # (n,) int64: LOCAL -> block in the local image; DUP -> source block copied; else -1
+    image: np.ndarray  # (n,) int32: LOCAL -> index of the local image; else -1
+
+
+def plan_blocks(source: ImageDigests, targets: list[BlockMap]) -> BlockPlan:
+    """Classify every block of ``source`` against the destination's block maps ``targets``."""
+    n = source.total_blocks
+    kind = np.zeros(n, dtype=np.uint8)
+    ref = np.full(n, -1, dtype=np.int64)
+    image = np.full(n, -1, dtype=np.int32)
+    nonzero = np.flatnonzero(~source.zero)
+    if len(nonzero) == 0:
+        return BlockPlan(kind, ref, image)
+    keys = digest_keys(source.digests[nonzero])
+    order = lexsort_keys(keys)
+    sorted_keys = keys[order]
+    is_start = np.ones(len(order), dtype=bool)
+    is_start[1:] = np.any(sorted_keys[1:] != sorted_keys[:-1], axis=1)
+    starts = np.flatnonzero(is_start)
+    unique = np.ascontiguousarray(sorted_keys[starts])
+    group = np.empty(len(order), dtype=np.int64)
+    group[order] = np.cumsum(is_start) - 1  # group of every non-zero block, in block order
+    multiplicity = np.diff(np.append(starts, len(order)))
+    first_block = nonzero[order[starts]]  # stable sort: the earliest block of each content
+
+    # Try the image holding the most source blocks first.
+    coverage = [int(multiplicity[find_keys(t.keys, unique) >= 0].sum()) for t in targets]
+    chosen = np.full(len(unique), -1, dtype=np.int32)
+    offset = np.full(len(unique), -1, dtype=np.int64)
+    for j in sorted(range(len(targets)), key=lambda j: -coverage[j]):
+        if coverage[j] == 0:
+            continue
+        pending = np.flatnonzero(chosen < 0)
+        if len(pending) == 0:
+            break
+        position = find_keys(targets[j].keys, unique[pending])
+        hit = position >= 0
+        chosen[pending[hit]] = j
+        offset[pending[hit]] = targets[j].first[position[hit]].astype(np.int64)
+
+    block_image = chosen[group]
+    local = block_image >= 0
+    kind[nonzero[local]] = LOCAL
+    ref[nonzero[local]] = offset[group[local]]
+    image[nonzero[local]] = block_image[local]
+    origin = first_block[group]
+    is_first = origin == nonzero
+    kind[nonzero[~local & is_first]] = SEND
+    dup = ~local & ~is_first
+    kind[nonzero[dup]] = DUP
+    ref[nonzero[dup]] = origin[dup]
+    return BlockPlan(kind, ref, image)
+
+
+def plan_runs(plan: BlockPlan, max_local_blocks: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(start, length)`` of the runs of a plan (LOCAL runs cut at ``max_local_blocks``)."""
+    kind, ref, image = plan.kind, plan.ref, plan.image
+    n = len(kind)
+    if n == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    breaks = np.ones(n, dtype=bool)
+    chained = (kind[1:] == LOCAL) | (kind[1:] == DUP)
+    breaks[1:] = (kind[1:] != kind[:-1]) | (image[1:] != image[:-1]) | (chained & (ref[1:] != ref[:-1] + 1))
+    start = np.flatnonzero(breaks)
+    length = np.diff(np.append(start, n))
+    pieces = np.where(kind[start] == LOCAL, -(-length // max_local_blocks), 1)
+    if (pieces > 1).any():
+        # Run i becomes pieces[i] runs starting every max_local_blocks blocks.
+        owner = np.repeat(np.arange(len(start)), pieces)
+        index_in_run = np.arange(len(owner)) - np.repeat(np.cumsum(pieces) - pieces, pieces)
+        new_start = start[owner] + index_in_run * max_local_blocks
+        end = start[owner] + length[owner]
+        length = np.minimum(new_start + max_local_blocks, end) - new_start
+        start = new_start
+    return start, length
+
+
+def _fix_dup_collisions(source: ImageSource, plan: BlockPlan, start: np.ndarray, length: np.ndarray,
+                        block_size: int) -> int:
+    """Compare every DUP block with the block it copies; demote differing ones to SEND.
+
+    Returns how many were demoted (an MD5 collision inside the source, or a change under us).
+    """
+    dup_runs = np.flatnonzero(plan.kind[start] == DUP)
+    per_piece = max(1, COMPARE_BYTES // block_size)
+    demoted = 0
+    for run in dup_runs.tolist():
+        first, count = int(start[run]), int(length[run])
+        origin = int(plan.ref[first])
+        for done in range(0, count, per_piece):
+            blocks = min(per_piece, count - done)
+            here = bytearray(blocks * block_size)
+            there = bytearray(blocks * block_size)
+            source.read_into((first + done) * block_size, memoryview(here))
+            source.read_into((origin + done) * block_size, memoryview(there))
+            if here == there:
+                continue
+            a = np.frombuffer(here, dtype=np.uint8).reshape(blocks, block_size)
+            b = np.frombuffer(there, dtype=np.uint8).reshape(blocks, block_size)
+            differ = first + done + np.flatnonzero(np.any(a != b, axis=1))
+            plan.kind[differ] = SEND
+            plan.ref[differ] = -1
+            demoted += len(differ)
+    return demoted
+
+
+def _changed(path: str) -> ImageError:
+    return ImageError(f"image {path} changed while the manifest was built; stop the VM using it and retry")
+
+
+def _seal(source: ImageSource, zero: np.ndarray, local_start: np.ndarray, local_length: np.ndarray,
+          block_size: int, progress: Progress | None = None) -> tuple[bytes, np.ndarray]:
+    """One read of the source: the whole-image checksum and the SHA-256 of every LOCAL run.
+
+    Also checks that every block is still zero exactly where the digests said so.
+    """
+    hashes = np.zeros((len(local_start), RUN_HASH_SIZE), dtype=np.uint8)
+    run_begin = (local_start * block_size).tolist()
+    run_end = ((local_start + local_length) * block_size).tolist()
+    next_run = 0
+    open_hash = None
+    threads = 1 if getattr(source, "format", "") == "raw" else 0
+    with TreeHasher(source.size_bytes, threads=threads) as tree:
+        for offset, length, data in iter_segments(source):
+            first = offset // block_size
+            blocks = -(-length // block_size)
+            expect_zero = zero[first : first + blocks]
+            if data is None:
+                if not expect_zero.all():
+                    raise _changed(source.path)
+                tree.add(length, None)
+                continue
+            tree.add(length, data)
+            padded = data
+            if length % block_size:  # the image's partial last block, padded as the digests saw it
+                padded = memoryview(bytearray(blocks * block_size))
+                padded[:length] = data
+            words = np.frombuffer(padded, dtype=np.uint64).reshape(blocks, block_size // 8)
+            if not np.array_equal(np.bitwise_or.reduce(words, axis=1) == 0, expect_zero):
+                raise _changed(source.path)
+            segment_end = offset + blocks * block_size
+            while next_run < len(run_begin) and run_begin[next_run] < segment_end:
+                if open_hash is None:
+                    open_hash = hashlib.sha256()
+                a = max(run_begin[next_run], offset) - offset
+                b = min(run_end[next_run], segment_end) - offset
+                open_hash.update(padded[a:b])
+                if run_end[next_run] > segment_end:
+                    break  # the run continues in the next segment
+                hashes[next_run] = np.frombuffer(open_hash.digest(), dtype=np.uint8)
+                open_hash = None
+                next_run += 1
+            if progress:
+                progress(length)
+        if next_run != len(run_begin):
+            raise _changed(source.path)
+        checksum = tree.digest()
+    return checksum, hashes
+
+
+def build_manifest(image_path: str, host: str, targets: list[tuple[LocalImage, BlockMap]],
+                   block_size: int = DEFAULT_BLOCK_SIZE, algorithm: str = DEFAULT_ALGORITHM,
+                   digest_progress: Progress | None = None, seal_progress: Progress | None = None) -> Manifest:
+    """The manifest rebuilding ``image_path`` on ``host`` from its images ``targets`` plus a bundle.
+
+    ``targets`` are the destination's index entries with their block maps (``store.host_block_maps``).
+    """
+    check_block_size(block_size)
+    for info, block_map in targets:
+        if block_map.block_size != block_size:
+            raise BlockSizeMismatch(f"the index of {info.host} ({info.path})", block_map.block_size, block_size)
+    source = open_image(image_path)
+    try:
+        digests = digest_source(source, block_size, algorithm, progress=digest_progress)
+        plan = plan_blocks(digests, [m for _, m in targets])
+        max_local = max(1, MAX_LOCAL_RUN_BYTES // block_size)
+        start, length = plan_runs(plan, max_local)
+        if _fix_dup_collisions(source, plan, start, length, block_size):
+            start, length = plan_runs(plan, max_local)
+        run_kind = plan.kind[start]
+        is_local = run_kind == LOCAL
+        checksum, hashes = _seal(source, digests.zero, start[is_local], length[is_local], block_size, seal_progress)
+        size_bytes = source.size_bytes
+    finally:
+        source.close()
+    # Keep only the images a LOCAL run uses, numbered in order of first use.
+    used, local_image = np.unique(plan.image[start[is_local]], return_inverse=True)
+    images = [LocalImage.from_info(targets[int(j)][0]) for j in used]
+    return Manifest(
+        size_bytes=size_bytes,
+        block_size=block_size,
+        algorithm=algorithm,
+        host=host,
+        checksum=checksum,
+        images=images,
+        run_kind=run_kind.astype(np.uint8),
+        run_length=length.astype(np.uint64),
+        local_image=local_image.astype(np.uint32),
+        local_block=plan.ref[start[is_local]].astype(np.uint64),
+        local_hash=hashes,
+        dup_origin=plan.ref[start[run_kind == DUP]].astype(np.uint64),
+        source_path=image_path,
+    )
+
+
+__all__ = ["MAX_LOCAL_RUN_BYTES", "BlockPlan", "build_manifest", "find_keys", "plan_blocks", "plan_runs"]
