@@ -96,3 +96,10 @@ def print_table(headers: list[str], rows: Iterable[list], right_align_from: int 
     click.echo(line(headers))
     for row in rows:
         click.echo(line(row))
+
+
+redis_option = click.option(
+    "--redis", "redis_url", envvar="BLOCKSKETCH_REDIS_URL", default=None, metavar="URL",
+    help="Index store: a redis://, rediss:// or unix:// URL of a node or a cluster "
+         "[default: $BLOCKSKETCH_REDIS_URL, else the embedded store under $BLOCKSKETCH_HOME].",
+)
