@@ -44,3 +44,7 @@ class StoreError(BlocksketchError):
 
 class VerificationError(BlocksketchError):
     """Data failed a strong-hash check; nothing unverified was written."""
+
+
+class GeometryMismatch(BlocksketchError):
+    """Two Bloom filters that must share their hash count (k) do not: they cannot be combined."""
