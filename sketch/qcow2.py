@@ -90,6 +90,8 @@ MAX_CHAIN_DEPTH = 16
 # maps 512 MiB of guest data, so sequential reads of any image fit many times over.
 TABLE_CACHE_BYTES = 8 << 20
 L1_SLICE_ENTRIES = 8192
+# Data runs are probed for holes of the qcow2 file (SEEK_DATA) once per this many bytes.
+HOLE_PROBE_BYTES = 64 << 10
 # Longest stretch of mapping units classified at once: bounds the temporaries of one step.
 MAX_PIECE_UNITS = 1 << 16
 
@@ -480,25 +482,39 @@ class Qcow2Image:
                     yield offset, offset + length
 
     def _unholed(self, host: int, start: int, stop: int) -> Iterator[tuple[int, int]]:
-        """Parts of guest range ``[start, stop)``, stored from ``host`` on, that are not holes of the
-        qcow2 file: preallocated images (preallocation=metadata) map clusters onto holes."""
-        position, end = host, host + (stop - start)
-        while position < end:
+        """Parts of guest range ``[start, stop)``, stored contiguously from ``host`` on, that are not
+        holes of the qcow2 file (preallocation=metadata maps clusters onto holes)."""
+        cursor = start
+        for hole_start, hole_stop in self._host_holes(host, start, stop):
+            if hole_start > cursor:
+                yield cursor, hole_start
+            cursor = hole_stop
+        if cursor < stop:
+            yield cursor, stop
+
+    def _host_holes(self, host: int, start: int, stop: int) -> Iterator[tuple[int, int]]:
+        """Whole-unit guest ranges in ``[start, stop)`` whose host bytes are holes.
+
+        Only ``SEEK_DATA`` is used, once per ``HOLE_PROBE_BYTES`` of data: ``SEEK_HOLE`` scans the
+        page cache page by page over fallocated extents (qemu's), which cost as much as reading.
+        Holes that no probe lands in are missed, which only costs reading some zeros.
+        """
+        unit = 1 << self._unit_bits
+        guest = start
+        while guest < stop:
             try:
-                data = os.lseek(self._fd, position, os.SEEK_DATA)
+                data = os.lseek(self._fd, host + (guest - start), os.SEEK_DATA)
             except OSError as exc:
-                if exc.errno == errno.ENXIO:  # only a hole up to the end of the file
+                if exc.errno != errno.ENXIO:  # no hole support here: treat everything as data
                     return
-                yield start + (position - host), stop  # no hole support: all of it may be data
-                return
-            if data >= end:
-                return
-            try:
-                hole = min(end, os.lseek(self._fd, data, os.SEEK_HOLE))
-            except OSError:
-                hole = end
-            yield start + (data - host), start + (hole - host)
-            position = hole
+                data = host + (stop - start)  # nothing but a hole up to the end of the file
+            data_guest = min(stop, start + (data - host))
+            if data_guest > guest:
+                hole_start = -(-guest // unit) * unit
+                hole_stop = data_guest if data_guest == stop else data_guest - data_guest % unit
+                if hole_stop > hole_start:
+                    yield hole_start, hole_stop
+            guest = data_guest - data_guest % HOLE_PROBE_BYTES + HOLE_PROBE_BYTES
 
     def read_into(self, offset: int, buffer: memoryview) -> None:
         """Fill ``buffer`` with guest bytes at ``offset``; past the virtual size they are zeros."""

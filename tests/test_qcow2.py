@@ -181,6 +181,18 @@ def test_zero_and_unallocated_clusters_are_not_data_extents(tmp_path):
     assert_reads_like_qemu(path)
 
 
+@pytest.mark.parametrize("options", ["preallocation=metadata", "preallocation=metadata,extended_l2=on"])
+def test_preallocated_clusters_over_file_holes_are_not_data_extents(tmp_path, options):
+    path = str(tmp_path / "preallocated.qcow2")
+    run("qemu-img", "create", "-f", "qcow2", "-o", options, path, "16M")
+    qemu_io(path, "write -P 0x42 5M 64k")
+    with Qcow2Image(path) as image:
+        extents = list(image.data_extents(0, image.size_bytes))
+    assert sum(length for _, length in extents) <= 1 * MIB, "holes of the qcow2 file must be skipped"
+    assert any(offset <= 5 * MIB and 5 * MIB + (64 << 10) <= offset + length for offset, length in extents)
+    assert_reads_like_qemu(path)
+
+
 @pytest.mark.parametrize("options", ["cluster_size=64k", "extended_l2=on"])
 def test_clusters_allocated_in_reverse_order_are_read_from_their_own_host_offsets(tmp_path, options):
     path = str(tmp_path / "reverse.qcow2")
