@@ -8,7 +8,7 @@ from collections.abc import Iterable
 
 import click
 
-from sketch.blocks import DEFAULT_BLOCK_SIZE, check_block_size
+from sketch.blocks import DEFAULT_BLOCK_SIZE, IMAGE_FORMATS, check_block_size
 from sketch.errors import UsageError
 
 
@@ -33,6 +33,11 @@ def block_size_option(default: int | None = DEFAULT_BLOCK_SIZE):
 
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON instead of a table.")
+
+format_option = click.option(
+    "--format", "image_format", type=click.Choice(list(IMAGE_FORMATS)), default=None,
+    help="Image format [default: detected from the file's magic bytes].",
+)
 
 
 def emit_json(value) -> None:
