@@ -78,8 +78,12 @@ class RankParams:
 
     @property
     def capacity(self) -> int:
-        """Keys the filter holds at ``fp_rate``: ``n = -(m/k) ln(1 - fp^(1/k))``."""
-        return int(-(self.m_bits / self.k) * math.log1p(-(self.fp_rate ** (1 / self.k))))
+        return capacity_of(self.m_bits, self.k, self.fp_rate)
+
+
+def capacity_of(m_bits: int, k: int, fp_rate: float) -> int:
+    """Keys an ``m_bits``, ``k`` Bloom filter holds at ``fp_rate``: ``n = -(m/k) ln(1 - fp^(1/k))``."""
+    return int(-(m_bits / k) * math.log1p(-(fp_rate ** (1 / k))))
 
 
 def shift_threshold(shift: int) -> np.uint64 | None:
@@ -154,10 +158,15 @@ class RankSketch:
         shift = int(fits[0]) if len(fits) else MAX_SHIFT
         sampled = int(sizes[shift])
         extra = heavy_index[heavy_index >= sampled]
-        bloom = BloomFilter.create(params.m_bits, params.k)
+        m_bits = params.m_bits
+        # A host whose every key fits a smaller filter stores that one; tiled back to m_bits it
+        # answers exactly the same (bit j of the tiling is bit j mod m), at the same FP rate.
+        while shift == 0 and m_bits > 64 and capacity_of(m_bits // 2, params.k, params.fp_rate) >= sampled:
+            m_bits //= 2
+        bloom = BloomFilter.create(m_bits, params.k)
         bloom.add(keys[:sampled])
         bloom.add(keys[extra])
-        return cls(params.m_bits, params.k, shift, min(threshold, 2**32 - 1), len(keys), sampled, len(extra),
+        return cls(m_bits, params.k, shift, min(threshold, 2**32 - 1), len(keys), sampled, len(extra),
                    np.asarray(bloom.bits, dtype=np.uint8))
 
     @classmethod

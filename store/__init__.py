@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 
+from . import ranking as ranking  # registers the "rank" host sketch that every refresh builds
 from .catalogue import HostInfo, ImageInfo
 from .config import DEFAULT_FP_RATE, IndexConfig
 from .connect import connect, printable_url

@@ -80,7 +80,9 @@ def test_index_lists_images_and_hosts_with_exact_counts(store, tmp_path):
     union = union_keys([direct_map(p).keys for p in paths])
     assert (host.host, host.images, host.distinct_blocks) == ("node-a", 3, len(union))
     assert host.size_bytes == sum(os.path.getsize(p) for p in paths)
-    assert host.sketch_bytes == len(store.host_filter("node-a").to_bytes())
+    sketches = store.catalogue("node-a").sketches  # the host filter and any derived sketch (e.g. "rank")
+    assert sketches["filter"].size_bytes == len(store.host_filter("node-a").to_bytes())
+    assert host.sketch_bytes == sum(s.size_bytes for s in sketches.values())
     assert store.config().block_size == BLOCK and store.config().fp_rate == 0.01
 
 

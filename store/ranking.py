@@ -1,0 +1,165 @@
+"""Ranking against the index: every host's ranking sketch built at refresh, held warm per process.
+
+Importing this module registers the ``rank`` host sketch (:class:`sketch.ranksketch.RankSketch`
+bytes, stored at ``blocksketch:{host}:sketch:rank:<generation>``) so every refresh builds it
+from the host's union with the others. :func:`load_fleet` keeps one
+:class:`sketch.estimate.FleetSketches` per index in the process and, on each call, re-reads only
+the sketches of hosts whose catalogue generation changed (one pipelined GET of the catalogues,
+one of the changed sketches). A host indexed before this sketch existed gets one built from its
+block maps, in memory, until its next refresh stores one.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+from sketch.errors import BlockSizeMismatch, FormatError, NotFound, UsageError
+from sketch.estimate import FleetSketches
+from sketch.rank import DEFAULT_EXACT_TOP, DEFAULT_TOP, RankQuery, rank_fleet
+from sketch.ranksketch import RankParams, RankSketch
+
+from . import keys
+from .catalogue import Catalogue
+from .connect import store_errors
+from .reader import Store
+from .sketches import HostUnion, register_host_sketch
+
+RANK_SKETCH = "rank"
+PARAMS = RankParams()
+
+
+def build_rank_sketch(union: HostUnion) -> tuple[bytes, dict]:
+    """The ``rank`` host sketch of a host's union, and the parameters kept in its catalogue."""
+    sketch = RankSketch.build(union.keys, union.counts, PARAMS)
+    return sketch.to_bytes(), {"m_bits": sketch.m_bits, "k": sketch.k, "shift": sketch.shift,
+                               "sampled": sketch.sampled, "heavy": sketch.heavy}
+
+
+register_host_sketch(RANK_SKETCH, build_rank_sketch)
+
+
+@dataclass
+class _Warm:
+    fleet: FleetSketches
+    lock: threading.Lock
+
+
+_WARM: dict[tuple[str, float], _Warm] = {}
+_WARM_LOCK = threading.Lock()
+
+
+def _tag(catalogue: Catalogue) -> tuple[int, int | None]:
+    entry = catalogue.sketches.get(RANK_SKETCH)
+    return catalogue.generation, None if entry is None else entry.generation
+
+
+def _has_zero(catalogue: Catalogue) -> bool:
+    return any(image.zero_blocks for image in catalogue.images)
+
+
+def _fetch_sketches(store: Store, stale: dict[str, Catalogue]) -> dict[str, RankSketch]:
+    """Stored ranking sketches of ``stale`` hosts in one pipeline; built from block maps where missing."""
+    stored = {host: c.sketches[RANK_SKETCH] for host, c in stale.items() if RANK_SKETCH in c.sketches}
+    values: list = []
+    if stored:
+        with store_errors(store.url, "reading ranking sketches"):
+            pipe = store.client.pipeline(transaction=False)
+            for host, entry in stored.items():
+                pipe.get(entry.key(host))
+            values = pipe.execute()
+    found = {}
+    for (host, _), data in zip(stored.items(), values):
+        if data is None:  # refreshed meanwhile: read the new generation through the consistent reader
+            data, _ = store.host_sketch(host, RANK_SKETCH)
+        found[host] = RankSketch.from_bytes(data, f"ranking sketch of host {host}")
+    for host in stale:
+        if host not in found:
+            maps = [block_map for _, block_map in store.host_block_maps(host)]
+            found[host] = RankSketch.from_block_maps(maps, PARAMS)
+    return found
+
+
+def load_fleet(store: Store) -> tuple[FleetSketches, dict[str, Catalogue]]:
+    """The warm fleet of ``store``'s index, brought up to date, and the catalogues it reflects."""
+    config = store.config()
+    if config is None:
+        raise NotFound("the index is empty: run `blocksketch index` on the hosts first")
+    with _WARM_LOCK:
+        warm = _WARM.setdefault((store.url, config.created_at),
+                                _Warm(FleetSketches(PARAMS.m_bits, PARAMS.k), threading.Lock()))
+    with warm.lock:
+        catalogues = store.catalogues()
+        fleet = warm.fleet
+        for host in [h for h in fleet.hosts if h not in catalogues]:
+            fleet.remove(host)
+        stale = {h: c for h, c in catalogues.items() if fleet.tag(h) != _tag(c)}
+        if stale:
+            sketches = _fetch_sketches(store, stale)
+            fleet.put((host, sketches[host], _has_zero(c), _tag(c)) for host, c in stale.items())
+        return fleet, catalogues
+
+
+def forget_fleets() -> None:
+    """Drop every warm fleet of this process (e.g. after tests reuse a server)."""
+    with _WARM_LOCK:
+        _WARM.clear()
+
+
+def parse_indexed(image: str) -> tuple[str, str] | None:
+    """``(host, path)`` if ``image`` reads as ``HOST:PATH`` with a valid host name, else None."""
+    host, sep, path = image.partition(":")
+    if not sep or not path:
+        return None
+    try:
+        keys.check_host(host)
+    except UsageError:
+        return None
+    return host, path
+
+
+def indexed_query(store: Store, host: str, path: str) -> RankQuery:
+    """The query for an indexed image ``host:path`` (its stored block map)."""
+    info = store.image(host, path)
+    block_map = store.block_map(host, info.path)
+    return RankQuery.from_block_map(block_map, f"{host}:{info.path}")
+
+
+def rank_image(store: Store, image: str | RankQuery, *, top: int = DEFAULT_TOP, exact_top: int = DEFAULT_EXACT_TOP,
+               exclude_hosts: tuple[str, ...] | list[str] = (), block_size: int | None = None) -> dict:
+    """Rank every indexed host for ``image``: a :class:`RankQuery` (a local or client image) or
+    ``"HOST:PATH"`` naming an indexed image (its own host is left out). Returns the dict that
+    ``blocksketch rank --json`` prints (:func:`sketch.rank.rank_fleet`)."""
+    index_block_size = store.check_block_size(block_size)
+    excluded = list(exclude_hosts)
+    if isinstance(image, str):
+        parsed = parse_indexed(image)
+        if parsed is None:
+            raise UsageError(f"{image!r} does not name an indexed image: use HOST:PATH")
+        host, path = parsed
+        query = indexed_query(store, host, path)
+        excluded.append(host)
+    else:
+        query = image
+    if query.block_size != index_block_size:
+        raise BlockSizeMismatch("the index", index_block_size, query.block_size)
+    fleet, catalogues = load_fleet(store)
+    if not catalogues:
+        raise NotFound("the index has no hosts to rank: run `blocksketch index` on the hosts first")
+    details = {host: {"images": len(c.images), "size_bytes": sum(i.size_bytes for i in c.images)}
+               for host, c in catalogues.items()}
+
+    def host_maps(host: str):
+        try:
+            return [(info.path, block_map) for info, block_map in store.host_block_maps(host)]
+        except NotFound:
+            raise FormatError(f"host {host} left the index during ranking; try again") from None
+
+    excluded = sorted(set(excluded))
+    unknown = [h for h in excluded if h not in catalogues]
+    if unknown:
+        known = ", ".join(sorted(catalogues)[:5]) + (" ..." if len(catalogues) > 5 else "")
+        raise NotFound(f"cannot exclude unknown host {unknown[0]} (indexed: {known})")
+    return rank_fleet(query, fleet, host_maps, top=top, exact_top=exact_top, exclude_hosts=excluded,
+                      host_details=details)
+
