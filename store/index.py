@@ -237,7 +237,8 @@ class _Refresh:
         self.report.images = len(images)
         self.report.generation = generation
         changed = old is None or [e.path for e in images] != [e.path for e in old.images] or bool(fresh)
-        if not changed and set(old.sketches) == set(HOST_SKETCHES):
+        # Unchanged images: keep every stored sketch, unless one registered here is missing.
+        if not changed and set(HOST_SKETCHES) <= set(old.sketches):
             sketches, distinct = old.sketches, old.distinct_blocks
         else:
             sketches, distinct = self._write_host_sketches(config, generation, old, images, fresh)
