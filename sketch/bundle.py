@@ -3,7 +3,7 @@
 A bundle holds a list of source blocks in order: either the manifest's SEND blocks (contents
 ``send``: each missing content once) or explicit block ranges (contents ``ranges``: what apply
 reported it still needs). The blocks are one zstd stream through one compression context (so
-the whole bundle compresses like ``zstd -3`` of the blocks), flushed into frames of
+the whole bundle compresses at least like ``zstd -3`` of the blocks), flushed into frames of
 ``FRAME_BYTES`` of raw data; every frame carries its lengths and a checksum, and a trailer closes
 the bundle with a checksum over the header and every frame checksum. Memory stays bounded by one
 frame and one image segment, reading or writing.
@@ -46,6 +46,10 @@ FRAME_BYTES = 4 << 20
 MAX_FRAME_BYTES = 64 << 20
 MAX_HEADER_BYTES = 1 << 30
 DEFAULT_LEVEL = 3
+# Long-distance matching over a 128 MiB window: SEND blocks are distinct but often near-duplicates
+# far apart (files that differ in a few bytes); on a real Debian image this made bundles ~5%
+# smaller than plain level 3 (benchmarks/RESULTS.md). 128 MiB is zstd's default decoder limit.
+WINDOW_LOG = 27
 _PREFIX = struct.Struct("<8sHHI")
 _FRAME = struct.Struct("<II16s")
 _TRAILER = struct.Struct("<QQ32s8s")
@@ -91,7 +95,8 @@ def pack_bundle(image_path: str, manifest: Manifest, output: str, ranges: tuple[
     header = {"schema": SCHEMA, "version": VERSION, "manifest_id": manifest.manifest_id,
               "block_size": manifest.block_size, "size_bytes": manifest.size_bytes, "contents": contents,
               "ranges": b"" if ranges is None else np.stack([start, count], axis=1).astype("<u8").tobytes(),
-              "blocks": int(count.sum()), "compression": "zstd", "level": level, "frame_bytes": FRAME_BYTES}
+              "blocks": int(count.sum()), "compression": "zstd", "level": level, "window_log": WINDOW_LOG,
+              "frame_bytes": FRAME_BYTES}
     directory = os.path.dirname(os.path.abspath(output))
     temp = os.path.join(directory, f".{os.path.basename(output)}.tmp-{os.getpid()}")
     source = open_image(image_path)
@@ -160,7 +165,9 @@ class _Writer:
         header_sum = hashlib.sha256(prefix).digest()
         handle.write(prefix + header_sum)
         self._chain = hashlib.sha256(header_sum)
-        self._compressor = zstandard.ZstdCompressor(level=level, write_checksum=True).compressobj()
+        params = zstandard.ZstdCompressionParameters.from_level(level, window_log=WINDOW_LOG, enable_ldm=True,
+                                                                write_checksum=True)
+        self._compressor = zstandard.ZstdCompressor(compression_params=params).compressobj()
         self._pending = bytearray()
         self.frames = 0
         self.bytes_written = len(prefix) + len(header_sum)
@@ -252,13 +259,15 @@ class BundleReader:
     def frames(self) -> Iterator[bytes]:
         """The raw bytes of every frame, each verified; ends after checking the trailer."""
         block_size = self._manifest.block_size
-        decompressor = zstandard.ZstdDecompressor().decompressobj()
+        decompressor = zstandard.ZstdDecompressor(max_window_size=1 << WINDOW_LOG).decompressobj()
         frames = 0
         raw_total = 0
         expected = self.blocks * block_size
         while True:
             raw_length, packed_length, check = _FRAME.unpack(self._read(_FRAME.size, "frames"))
             if raw_length == 0 and packed_length == 0:
+                if check != bytes(16):
+                    raise FormatError(f"{self.what} is corrupt (end marker)")
                 break
             if raw_length % block_size or raw_length > MAX_FRAME_BYTES or raw_total + raw_length > expected \
                     or packed_length > MAX_FRAME_BYTES + (1 << 20):

@@ -138,8 +138,8 @@ def plan_runs(plan: BlockPlan, max_local_blocks: int) -> tuple[np.ndarray, np.nd
         owner = np.repeat(np.arange(len(start)), pieces)
         index_in_run = np.arange(len(owner)) - np.repeat(np.cumsum(pieces) - pieces, pieces)
         new_start = start[owner] + index_in_run * max_local_blocks
-        end = start[owner] + length[owner]
-        length = np.minimum(new_start + max_local_blocks, end) - new_start
+        end = start[owner] + length[owner]  # pieces of other runs are whole runs: end - start
+        length = np.minimum(new_start + np.where(pieces[owner] > 1, max_local_blocks, end), end) - new_start
         start = new_start
     return start, length
 
