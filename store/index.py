@@ -108,8 +108,12 @@ def _walk(target: str) -> list[str]:
         raise ImageError(f"cannot open {target}: {exc.strerror}") from None
     if not stat.S_ISDIR(info.st_mode):
         return [target]
+    def unreadable(error: OSError) -> None:
+        # A directory we cannot list must fail the refresh, not make its images look deleted.
+        raise ImageError(f"cannot list {error.filename}: {error.strerror}")
+
     found = []
-    for root, dirs, files in os.walk(target):
+    for root, dirs, files in os.walk(target, onerror=unreadable):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         found.extend(os.path.join(root, name) for name in sorted(files) if not name.startswith("."))
     return found
