@@ -86,9 +86,10 @@ MIN_EXTENDED_L2_CLUSTER_BITS = 14
 MAX_L1_BYTES = 32 << 20  # QEMU's limit; it also bounds the virtual size
 MAX_BACKING_NAME = 1023
 MAX_CHAIN_DEPTH = 16
-# L1 slices and L2 tables of a whole backing chain share this many bytes; one 64 KiB L2 table
-# maps 512 MiB of guest data, so sequential reads of any image fit many times over.
-TABLE_CACHE_BYTES = 8 << 20
+# L1 slices and L2 tables of a whole backing chain share this many bytes: one 64 KiB L2 table
+# maps 512 MiB of guest data, and even four of the largest tables (4 MiB: 2 MiB clusters with
+# extended entries) fit, so a read alternating between the layers of a chain does not thrash.
+TABLE_CACHE_BYTES = 16 << 20
 L1_SLICE_ENTRIES = 8192
 # Data runs are probed for holes of the qcow2 file (SEEK_DATA) once per this many bytes.
 HOLE_PROBE_BYTES = 64 << 10
@@ -385,11 +386,9 @@ class Qcow2Image:
         compressed = (entries & np.uint64(COMPRESSED_FLAG)) != 0
         base = entries & np.uint64(OFFSET_MASK)
         if upc == 1:
-            zero = ~compressed & ((entries & np.uint64(ZERO_FLAG)) != 0)
-            kinds = np.full(len(entries), DATA, dtype=np.uint8)
-            kinds[~compressed & ~zero & (base == 0)] = UNALLOCATED
-            kinds[zero] = ZERO
-            kinds[compressed] = COMPRESSED
+            kinds = np.where(compressed, np.uint8(COMPRESSED),
+                             np.where((entries & np.uint64(ZERO_FLAG)) != 0, np.uint8(ZERO),
+                                      np.where(base != 0, np.uint8(DATA), np.uint8(UNALLOCATED))))
             hosts = np.where(compressed, entries, base)
             self._check_aligned(base[kinds == DATA])
         else:
