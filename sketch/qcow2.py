@@ -124,6 +124,36 @@ SUBCLUSTERS = 32
 UNALLOCATED, ZERO, DATA, COMPRESSED = 0, 1, 2, 3
 
 
+# Magic bytes of other image formats (offset, bytes, name): a backing file whose format the image
+# does not record is probed, and one of these must not be read as raw bytes.
+FOREIGN_MAGICS = (
+    (0, b"KDMV", "vmdk"),
+    (0, b"# Disk DescriptorFile", "vmdk"),
+    (0, b"COWD", "vmdk"),
+    (0, b"vhdxfile", "vhdx"),
+    (0, b"conectix", "vpc"),
+    (0, b"QED\0", "qed"),
+    (0, b"LUKS\xba\xbe", "luks"),
+    (0, b"WithoutFreeSpace", "parallels"),
+    (0, b"WithouFreSpacExt", "parallels"),
+    (0, b"Bochs Virtual HD Image", "bochs"),
+    (64, b"\x7f\x10\xda\xbe", "vdi"),
+)
+
+
+def _probe_foreign_format(path: str) -> str | None:
+    """The name of a non-raw, non-qcow2 image format ``path`` starts like, or None."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(128)
+    except OSError:
+        return None
+    for offset, magic, name in FOREIGN_MAGICS:
+        if head[offset : offset + len(magic)] == magic:
+            return name
+    return None
+
+
 _tokens = itertools.count()  # tells apart the images sharing one TableCache
 
 
@@ -234,8 +264,10 @@ class Qcow2Image:
         entry_bytes = 16 if extended else 8
         l2_entries = cluster_size // entry_bytes
         needed_l1 = -(-size // (cluster_size * l2_entries))
-        if l1_size * 8 > MAX_L1_BYTES or needed_l1 * 8 > MAX_L1_BYTES:
+        if needed_l1 * 8 > MAX_L1_BYTES:
             raise self._fail(f"virtual size {size} bytes is too large (its L1 table would exceed 32 MiB)")
+        if l1_size * 8 > MAX_L1_BYTES:
+            raise self._fail(f"L1 table of {l1_size} entries exceeds 32 MiB")
         if l1_size < needed_l1:
             raise self._fail(f"L1 table of {l1_size} entries is too small for a virtual size of {size} bytes")
         if l1_size and (l1_offset % cluster_size or l1_offset + l1_size * 8 > self.file_size):
@@ -320,7 +352,9 @@ class Qcow2Image:
             raise self._fail(f"backing chain loops back to {path}")
         if len(chain) >= MAX_CHAIN_DEPTH:
             raise self._fail(f"backing chain is deeper than {MAX_CHAIN_DEPTH} images")
-        backing_format = self.backing_format or detect_format(path)
+        backing_format = self.backing_format
+        if backing_format is None:  # old images do not record it: probe, as QEMU does
+            backing_format = _probe_foreign_format(path) or detect_format(path)
         if backing_format == "raw":
             return RawImage(path)
         if backing_format == "qcow2":

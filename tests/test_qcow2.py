@@ -327,19 +327,35 @@ def test_chain_of_three_with_relative_names_opens_from_another_directory(source,
     assert_reads_like_qemu("images/top.qcow2")
 
 
-def test_backing_format_is_detected_when_the_header_does_not_name_it(source, tmp_path):
-    base = str(tmp_path / "base.qcow2")
-    run("qemu-img", "convert", "-O", "qcow2", source, base)
-    top = make_top(tmp_path, base, "qcow2")
-    qemu_io(top, "write -P 0x44 0 64k")
-    with open(top, "r+b") as handle:  # turn the backing format extension into an unknown one
-        head = handle.read(4096)
-        position = head.index(struct.pack(">I", 0xE2792ACA))
+def forget_backing_format(path: str) -> None:
+    """Turn the backing format extension into an unknown one, as in images from before it existed."""
+    with open(path, "r+b") as handle:
+        position = handle.read(4096).index(struct.pack(">I", 0xE2792ACA))
         handle.seek(position)
         handle.write(struct.pack(">I", 0x12345678))
+
+
+@pytest.mark.parametrize("base_format", ["qcow2", "raw"])
+def test_backing_format_is_detected_when_the_header_does_not_name_it(source, tmp_path, base_format):
+    base = str(tmp_path / f"base.{base_format}")
+    run("qemu-img", "convert", "-O", base_format, source, base)
+    top = make_top(tmp_path, base, base_format)
+    qemu_io(top, "write -P 0x44 0 64k")
+    forget_backing_format(top)
     with Qcow2Image(top) as image:
-        assert image.backing_format is None and isinstance(image.backing, Qcow2Image)
-        assert read_all(image)[:65536] == b"\x44" * 65536
+        assert image.backing_format is None
+        assert isinstance(image.backing, Qcow2Image if base_format == "qcow2" else RawImage)
+    assert_reads_like_qemu(top)
+
+
+@pytest.mark.parametrize("base_format", ["vmdk", "vdi", "vpc", "vhdx", "qed"])
+def test_backing_file_of_another_format_is_not_read_as_raw(tmp_path, base_format):
+    base = str(tmp_path / f"base.{base_format}")
+    run("qemu-img", "create", "-f", base_format, base, "1M")
+    top = make_top(tmp_path, base, base_format)
+    forget_backing_format(top)
+    with pytest.raises(ImageError, match=f"unsupported format '{base_format}'"):
+        Qcow2Image(top)
 
 
 # --- refusals ---------------------------------------------------------------------------------------
@@ -375,6 +391,7 @@ HEADER_DAMAGE = [  # (id, offset, struct format, values, message)
     ("luks", 32, ">I", (2,), r"encrypted \(LUKS\)"),
     ("absurd-size", 24, ">Q", (1 << 62,), "too large"),
     ("l1-too-small", 36, ">I", (0,), "L1 table of 0 entries is too small"),
+    ("l1-over-32-mib", 36, ">I", (5 << 20,), "L1 table of 5242880 entries exceeds 32 MiB"),
     ("l1-past-end", 40, ">Q", (1 << 40,), "L1 table .* past the end"),
     ("l1-misaligned", 40, ">Q", (0x30200,), "L1 table .* misaligned"),
     ("corrupt-bit", 72, ">Q", (1 << 1,), "marked corrupt"),
