@@ -517,6 +517,8 @@ class Qcow2Image:
     def _unholed(self, host: int, start: int, stop: int) -> Iterator[tuple[int, int]]:
         """Parts of guest range ``[start, stop)``, stored contiguously from ``host`` on, that are not
         holes of the qcow2 file (preallocation=metadata maps clusters onto holes)."""
+        if host + (stop - start) > self.file_size:  # a probe would call the missing part a hole
+            raise self._fail(f"data at host offset {host} runs past the end of the file (truncated image?)")
         cursor = start
         for hole_start, hole_stop in self._host_holes(host, start, stop):
             if hole_start > cursor:

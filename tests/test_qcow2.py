@@ -374,10 +374,10 @@ def header_field(path: str, offset: int, fmt: str) -> int:
 
 @pytest.fixture
 def small_image(tmp_path) -> str:
-    """A v3 qcow2 of 2 MiB (header_length 112) with its first cluster allocated."""
+    """A v3 qcow2 of 2 MiB (header_length 112) with its first four clusters allocated, in a row."""
     path = str(tmp_path / "small.qcow2")
     run("qemu-img", "create", "-f", "qcow2", path, "2M")
-    qemu_io(path, "write -P 0x61 0 64k")
+    qemu_io(path, "write -P 0x61 0 256k")
     return path
 
 
@@ -446,6 +446,10 @@ def read_everything(path: str) -> None:
         read_all(image)
 
 
+def digest_everything(path: str) -> None:
+    digest_image(path, 512, workers=1)
+
+
 def damage_l1_past_end(path):
     l1, _ = first_l2(path)
     patch(path, l1, ">Q", (1 << 63) | (1 << 40))
@@ -472,20 +476,28 @@ def damage_truncated(path):
     os.truncate(path, data + 4096)
 
 
+def damage_truncated_after_a_cluster(path):
+    _, l2 = first_l2(path)
+    data = header_field(path, l2, ">Q") & OFFSET_MASK
+    os.truncate(path, data + 65536)
+
+
 MAPPING_DAMAGE = [
     (damage_l1_past_end, "L2 table at offset .* past the end"),
     (damage_l1_misaligned, "L2 table offset .* not cluster aligned"),
     (damage_l2_past_end, "data cluster at host offset .* past the end"),
     (damage_l2_misaligned, "not cluster aligned"),
     (damage_truncated, "past the end of the file"),
+    (damage_truncated_after_a_cluster, "past the end of the file"),
 ]
 
 
 @pytest.mark.parametrize(("damage", "message"), MAPPING_DAMAGE, ids=[d[0].__name__ for d in MAPPING_DAMAGE])
-def test_mapping_that_points_outside_the_file_is_refused(small_image, damage, message):
+@pytest.mark.parametrize("reader", [read_everything, digest_everything])
+def test_mapping_that_points_outside_the_file_is_refused(small_image, damage, message, reader):
     damage(small_image)
     with pytest.raises(ImageError, match=message) as raised:
-        read_everything(small_image)
+        reader(small_image)
     assert small_image in str(raised.value)
 
 
