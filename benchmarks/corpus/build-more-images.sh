@@ -5,13 +5,16 @@
 # (--variant=minbase), laid into sparse 1 GiB images. Needs root and Debian's package registry.
 #
 # Usage: benchmarks/corpus/build-more-images.sh [OUT_DIR]   (default: /work/corpus; never the repo)
-# Re-running reuses what exists. About 2-3 minutes per debootstrap; ~10 minutes in all.
+# Re-running reuses what exists. About 1 minute per debootstrap here; ~6 minutes in all.
 #
 # Images (all 1 GiB, sparse):
 #   bullseye-min.raw      Debian 11 minbase, ext4          (two releases back)
 #   trixie-min.raw        Debian 13 minbase, ext4          (next release)
 #   bookworm-tools.raw    Debian 12 minbase + curl, less, vim-tiny, procps, iproute2, ext4
 #                         (same release, another package set)
+#   bookworm-dev.raw      Debian 12 minbase + build-essential, ext4 (a fuller image: ~half the disk)
+#   trixie-web.raw        Debian 13 minbase + nginx-light, python3, openssh-server, ext4
+#                         (bookworm-web's package set on the next release)
 #   bookworm-min-btrfs.raw  the bookworm-min tree on btrfs (mkfs.btrfs --rootdir)
 #   bookworm-web-btrfs.raw  the bookworm-web tree on btrfs
 # The btrfs ones need rootfs-bookworm-min/-web from build-images.sh in OUT_DIR.
@@ -48,6 +51,8 @@ btrfs() { # tree image: rootfs-TREE into IMAGE.raw on btrfs (fixed UUID so rebui
 tree bullseye-min bullseye ""; ext4 bullseye-min
 tree trixie-min trixie ""; ext4 trixie-min
 tree bookworm-tools bookworm "curl,less,vim-tiny,procps,iproute2"; ext4 bookworm-tools
+tree bookworm-dev bookworm "build-essential"; ext4 bookworm-dev
+tree trixie-web trixie "nginx-light,python3,openssh-server"; ext4 trixie-web
 btrfs bookworm-min bookworm-min-btrfs
 btrfs bookworm-web bookworm-web-btrfs
 ls -ls "$out"/*.raw
