@@ -9,6 +9,7 @@ import click
 
 from sketch.blockmap import BlockMap
 from sketch.errors import NotFound, UsageError
+from sketch.heatmap import check_writable
 from sketch.matrix import CELL_VALUES, DEFAULT_CELL_VALUE, ShareMatrix, bytes_to_digest, expand_paths, load_images
 
 from .common import (
@@ -93,6 +94,9 @@ def command(paths: tuple[str, ...], block_size: int, html_path: str | None, png_
     found = expand_paths(paths)
     if len(found) < 2:
         raise UsageError(f"a matrix needs at least two images, got {len(found)} ({', '.join(found)})")
+    for path in (png_path, html_path):
+        if path:
+            check_writable(path)  # fail before reading any image, not after
     progress = show_progress(as_json)
     if use_index:
         from store import open_store

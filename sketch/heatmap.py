@@ -17,6 +17,7 @@ import tempfile
 
 import numpy as np
 
+from .errors import BlocksketchError, UsageError
 from .matrix import CELL_VALUES, DEFAULT_CELL_VALUE, ShareMatrix
 
 # ColorBrewer YlGnBu (9 classes), the same ramp as matplotlib's "YlGnBu": light = little shared.
@@ -75,9 +76,24 @@ def _row_label(matrix: ShareMatrix, index: int) -> str:
     return f"{shorten(image.name)}  ({zero * 100:.0f}% zero)"
 
 
+def check_writable(path: str) -> None:
+    """Raise a one-line error now, before any long work, if a heat map cannot be written to ``path``."""
+    directory = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise UsageError(f"{path} is a directory; a file name is needed for the heat map")
+    if not os.path.isdir(directory):
+        raise BlocksketchError(f"cannot write {path}: no such directory {directory}")
+    if not os.access(directory, os.W_OK):
+        raise BlocksketchError(f"cannot write {path}: permission denied")
+
+
 def _write_atomically(path: str, write) -> None:
     directory = os.path.dirname(os.path.abspath(path))
-    handle, temporary = tempfile.mkstemp(prefix=".heatmap-", dir=directory)
+    check_writable(path)
+    try:
+        handle, temporary = tempfile.mkstemp(prefix=".heatmap-", dir=directory)
+    except OSError as exc:
+        raise BlocksketchError(f"cannot write {path}: {exc.strerror}") from None
     try:
         with os.fdopen(handle, "wb") as out:
             write(out)
