@@ -5,8 +5,9 @@ Order of work, all into a temporary file next to the output (``.NAME.blocksketch
 1. every bundle's blocks are written where they belong (bundle blocks take precedence over
    LOCAL copies: that is how a re-sent range repairs a stale local image);
 2. every LOCAL run is read from the local image *the destination's index lists* (resolved by
-   :func:`resolve_local_images`, never by a path taken from the manifest alone), checked against
-   the run's SHA-256 from the manifest, and only then written; runs that fail are collected, and
+   :func:`resolve_local_images`, never by a path taken from the manifest alone), its
+   verification group checked against the group's SHA-256 from the manifest, and only then
+   written; groups that fail are collected, and
    if there are any, apply stops, removes the temp file and writes a ranges file naming the blocks
    it still needs (``blocksketch pack IMAGE MANIFEST --ranges FILE`` turns it into a bundle);
 3. DUP runs are copied from the SEND blocks already in the file;
@@ -236,39 +237,49 @@ def _write_bundles(fd: int, manifest: Manifest, readers, progress: Progress | No
 
 def _write_local(fd: int, manifest: Manifest, local_paths: list[str], covered: np.ndarray,
                  progress: Progress | None) -> tuple[int, int, tuple[np.ndarray, np.ndarray]]:
-    """Verify and write every LOCAL run; return (blocks written, bytes read, failed ranges)."""
+    """Verify and write every LOCAL verification group; return (blocks written, bytes read, failed ranges)."""
     block_size = manifest.block_size
     start, length = (a.astype(np.int64) for a in manifest.runs_of(LOCAL))
     covered_before = np.concatenate(([0], np.cumsum(covered, dtype=np.int64)))
     covered_count = covered_before[start + length] - covered_before[start]
+    group_end = np.cumsum(manifest.group_runs.astype(np.int64))
+    group_begin = group_end - manifest.group_runs.astype(np.int64)
+    needed = (covered_count < length).astype(np.int64)
+    # Groups wholly covered by bundles need no local read at all.
+    todo = np.flatnonzero(np.add.reduceat(needed, group_begin) > 0) if len(group_begin) else group_begin
     sources: dict[int, ImageSource] = {}
-    failed = []
+    failed: list[tuple[int, int]] = []
     written = 0
     read = 0
     try:
-        for run in np.flatnonzero(covered_count < length).tolist():
-            first, count = int(start[run]), int(length[run])
-            image = int(manifest.local_image[run])
-            source = sources.get(image)
-            if source is None:
-                source = sources[image] = _open_local(local_paths[image])
-            buffer = bytearray(count * block_size)
-            view = memoryview(buffer)
-            source.read_into(int(manifest.local_block[run]) * block_size, view)
-            read += len(buffer)
-            if covered_count[run]:
-                # Part of the run came in a bundle: verify the run as it will be written.
-                for a, n in zip(*mask_ranges(covered[first : first + count])):
-                    got = os.preadv(fd, [view[a * block_size : (a + n) * block_size]], (first + a) * block_size)
-                    if got != n * block_size:
-                        raise ImageError("cannot re-read the partial output")
-            if hashlib.sha256(buffer).digest() != manifest.local_hash[run].tobytes():
-                failed.append((first, count))
+        for group in todo.tolist():
+            pieces = []
+            digest = hashlib.sha256()
+            for run in range(int(group_begin[group]), int(group_end[group])):
+                first, count = int(start[run]), int(length[run])
+                image = int(manifest.local_image[run])
+                source = sources.get(image)
+                if source is None:
+                    source = sources[image] = _open_local(local_paths[image])
+                view = memoryview(bytearray(count * block_size))
+                source.read_into(int(manifest.local_block[run]) * block_size, view)
+                read += len(view)
+                if covered_count[run]:
+                    # Part of the run came in a bundle: verify the run as it will be written.
+                    for a, n in zip(*mask_ranges(covered[first : first + count])):
+                        got = os.preadv(fd, [view[a * block_size : (a + n) * block_size]], (first + a) * block_size)
+                        if got != n * block_size:
+                            raise ImageError("cannot re-read the partial output")
+                digest.update(view)
+                pieces.append((first, count, view))
+            if digest.digest() != manifest.group_hash[group].tobytes():
+                failed.extend((first, count) for first, count, _ in pieces)
                 continue
-            _pwrite_all(fd, view, first * block_size)
-            written += count
-            if progress:
-                progress(len(buffer))
+            for first, count, view in pieces:
+                _pwrite_all(fd, view, first * block_size)
+                written += count
+                if progress:
+                    progress(len(view))
     finally:
         for source in sources.values():
             source.close()

@@ -9,11 +9,12 @@ Three steps, all vectorised over blocks (Python loops run per run, never per blo
    image and runs stay long;
 2. coalesce (:func:`plan_runs`): consecutive blocks of one kind and source become runs (a LOCAL
    run maps consecutive source blocks to consecutive blocks of one image; a DUP run copies
-   consecutive earlier blocks); LOCAL runs are cut at ``MAX_LOCAL_RUN_BYTES`` so that a stale
-   local block costs at most that much to re-send;
+   consecutive earlier blocks); LOCAL runs are cut at ``MAX_LOCAL_RUN_BYTES`` and grouped into
+   verification groups of about ``MAX_GROUP_BYTES`` (:func:`plan_groups`), so that a stale local
+   block costs at most one group (< 2 MiB) to re-send;
 3. verify and seal (:func:`_seal`): one streaming read of the source computes the whole-image
-   checksum and the SHA-256 of every LOCAL run, and checks that the image did not change since
-   it was digested. Before that, every DUP block is compared byte for byte with the block it
+   checksum and the SHA-256 of every verification group, and checks that the image did not
+   change since it was digested. Before that, every DUP block is compared byte for byte with the block it
    copies, so an MD5 collision inside the source becomes a SEND block instead of a wrong copy.
 """
 
@@ -30,9 +31,9 @@ from .blocks import DEFAULT_BLOCK_SIZE, ImageSource, check_block_size, open_imag
 from .digests import DEFAULT_ALGORITHM, ImageDigests, digest_source
 from .errors import BlockSizeMismatch, ImageError
 from .imagesum import TreeHasher, iter_segments
-from .manifest import DUP, LOCAL, RUN_HASH_SIZE, SEND, LocalImage, Manifest
+from .manifest import DUP, GROUP_HASH_SIZE, LOCAL, MAX_GROUP_BYTES, SEND, LocalImage, Manifest
 
-MAX_LOCAL_RUN_BYTES = 1 << 20
+MAX_LOCAL_RUN_BYTES = MAX_GROUP_BYTES
 # DUP runs are compared in pieces of this many bytes (bounded memory).
 COMPARE_BYTES = 4 << 20
 
@@ -144,6 +145,16 @@ def plan_runs(plan: BlockPlan, max_local_blocks: int) -> tuple[np.ndarray, np.nd
     return start, length
 
 
+def plan_groups(local_length: np.ndarray, max_group_blocks: int) -> np.ndarray:
+    """LOCAL runs per verification group: a run joins the group of the ``max_group_blocks`` window
+    of the LOCAL block stream where it starts (so a group holds less than twice that)."""
+    if len(local_length) == 0:
+        return np.zeros(0, dtype=np.uint32)
+    before = np.cumsum(local_length) - local_length
+    _, runs = np.unique(before // max_group_blocks, return_counts=True)
+    return runs.astype(np.uint32)
+
+
 def _fix_dup_collisions(source: ImageSource, plan: BlockPlan, start: np.ndarray, length: np.ndarray,
                         block_size: int) -> int:
     """Compare every DUP block with the block it copies; demote differing ones to SEND.
@@ -178,14 +189,18 @@ def _changed(path: str) -> ImageError:
 
 
 def _seal(source: ImageSource, zero: np.ndarray, local_start: np.ndarray, local_length: np.ndarray,
-          block_size: int, progress: Progress | None = None) -> tuple[bytes, np.ndarray]:
-    """One read of the source: the whole-image checksum and the SHA-256 of every LOCAL run.
+          group_runs: np.ndarray, block_size: int, progress: Progress | None = None) -> tuple[bytes, np.ndarray]:
+    """One read of the source: the whole-image checksum and the SHA-256 of every verification group.
 
     Also checks that every block is still zero exactly where the digests said so.
     """
-    hashes = np.zeros((len(local_start), RUN_HASH_SIZE), dtype=np.uint8)
+    hashes = np.zeros((len(group_runs), GROUP_HASH_SIZE), dtype=np.uint8)
     run_begin = (local_start * block_size).tolist()
     run_end = ((local_start + local_length) * block_size).tolist()
+    # The index of the group a run closes, or -1 when more runs of its group follow.
+    closes = np.full(len(local_start), -1, dtype=np.int64)
+    closes[np.cumsum(group_runs.astype(np.int64)) - 1] = np.arange(len(group_runs))
+    closes = closes.tolist()
     next_run = 0
     open_hash = None
     threads = 1 if getattr(source, "format", "") == "raw" else 0
@@ -216,8 +231,9 @@ def _seal(source: ImageSource, zero: np.ndarray, local_start: np.ndarray, local_
                 open_hash.update(padded[a:b])
                 if run_end[next_run] > segment_end:
                     break  # the run continues in the next segment
-                hashes[next_run] = np.frombuffer(open_hash.digest(), dtype=np.uint8)
-                open_hash = None
+                if closes[next_run] >= 0:
+                    hashes[closes[next_run]] = np.frombuffer(open_hash.digest(), dtype=np.uint8)
+                    open_hash = None
                 next_run += 1
             if progress:
                 progress(length)
@@ -248,7 +264,9 @@ def build_manifest(image_path: str, host: str, targets: list[tuple[LocalImage, B
             start, length = plan_runs(plan, max_local)
         run_kind = plan.kind[start]
         is_local = run_kind == LOCAL
-        checksum, hashes = _seal(source, digests.zero, start[is_local], length[is_local], block_size, seal_progress)
+        group_runs = plan_groups(length[is_local], max(1, MAX_GROUP_BYTES // block_size))
+        checksum, hashes = _seal(source, digests.zero, start[is_local], length[is_local], group_runs, block_size,
+                                 seal_progress)
         size_bytes = source.size_bytes
     finally:
         source.close()
@@ -266,10 +284,12 @@ def build_manifest(image_path: str, host: str, targets: list[tuple[LocalImage, B
         run_length=length.astype(np.uint64),
         local_image=local_image.astype(np.uint32),
         local_block=plan.ref[start[is_local]].astype(np.uint64),
-        local_hash=hashes,
+        group_runs=group_runs,
+        group_hash=hashes,
         dup_origin=plan.ref[start[run_kind == DUP]].astype(np.uint64),
         source_path=image_path,
     )
 
 
-__all__ = ["MAX_LOCAL_RUN_BYTES", "BlockPlan", "build_manifest", "find_keys", "plan_blocks", "plan_runs"]
+__all__ = ["MAX_LOCAL_RUN_BYTES", "BlockPlan", "build_manifest", "find_keys", "plan_blocks", "plan_groups",
+           "plan_runs"]

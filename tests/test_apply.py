@@ -15,12 +15,12 @@ import pytest
 from sketch.apply import MissingBlocks, apply_manifest, partial_path, resolve_local_images
 from sketch.bundle import FRAME_BYTES, pack_bundle
 from sketch.errors import FormatError, NotFound, UsageError, VerificationError
-from sketch.manifest import LOCAL, LocalImage, Manifest
+from sketch.manifest import LOCAL, MAX_GROUP_BYTES, LocalImage, Manifest
 from sketch.manifest_build import build_manifest
-from sketch.ranges import read_ranges_file
+from sketch.ranges import ranges_mask, read_ranges_file
 from sketch.sample import random_blocks, write_image
 from store import open_store, refresh_host
-from tests.test_manifest import COLLISION_A, COLLISION_B, fleet
+from tests.test_manifest import COLLISION_A, COLLISION_B, block_kinds, fleet
 
 HOST = "dst"
 
@@ -84,7 +84,10 @@ def test_a_stale_local_block_is_refetched_not_written(tmp_path, store, transfer)
     assert ranges_file == tmp_path / "out.img.missing-ranges.json"
     assert str(ranges_file) in str(caught.value)
     start, count = read_ranges_file(str(ranges_file), manifest.manifest_id, manifest.total_blocks)
-    assert start.tolist() == [10] and 10 + int(count[0]) > 20  # the run holding source block 20
+    # The verification group holding source block 20 (host0 block 60), and nothing outside LOCAL runs.
+    asked = ranges_mask(manifest.total_blocks, start, count)
+    assert asked[20] and (block_kinds(manifest)[asked] == LOCAL).all()
+    assert int(count.sum()) * 512 < 2 * MAX_GROUP_BYTES
     pack_bundle(images["source"], manifest, str(tmp_path / "extra"), (start, count))
     rebuild(store, manifest, [bundle, tmp_path / "extra"], out)
     assert out.read_bytes() == Path(images["source"]).read_bytes()
@@ -109,7 +112,8 @@ def test_an_md5_colliding_local_block_never_reaches_the_output(tmp_path, store):
     with pytest.raises(MissingBlocks) as caught:
         rebuild(store, manifest, [tmp_path / "b"], out)
     assert not out.exists()
-    assert caught.value.start.tolist() == [0] and caught.value.count.tolist() == [1]
+    # Block 0 fails, and with it its verification group: here all nine LOCAL blocks.
+    assert caught.value.start.tolist() == [0] and caught.value.count.tolist() == [9]
     pack_bundle(images["source"], manifest, str(tmp_path / "x"), (caught.value.start, caught.value.count))
     rebuild(store, manifest, [tmp_path / "b", tmp_path / "x"], out)
     assert out.read_bytes() == source

@@ -15,7 +15,7 @@ from sketch.blockmap import BlockMap
 from sketch.digests import digest_image
 from sketch.errors import FormatError
 from sketch.manifest import DUP, ENVELOPE_SIZE, KIND_NAMES, LOCAL, SEND, ZERO, LocalImage, Manifest
-from sketch.manifest_build import MAX_LOCAL_RUN_BYTES, build_manifest, find_keys
+from sketch.manifest_build import MAX_LOCAL_RUN_BYTES, build_manifest, find_keys, plan_groups
 from sketch.sample import random_blocks, write_image
 
 DATA = Path(__file__).parent / "data"
@@ -118,12 +118,16 @@ def test_local_and_dup_runs_point_at_equal_bytes(tmp_path):
     manifest = build_manifest(images["source"], "dst", targets_of(images["host"], block_size), block_size)
     source = Path(images["source"]).read_bytes()
     start, length = manifest.runs_of(LOCAL)
-    for s, n, image, block, digest in zip(start.tolist(), length.tolist(), manifest.local_image.tolist(),
-                                          manifest.local_block.tolist(), manifest.local_hash):
+    group_bytes: dict[int, list[bytes]] = {}
+    for s, n, image, block, group in zip(start.tolist(), length.tolist(), manifest.local_image.tolist(),
+                                         manifest.local_block.tolist(), manifest.local_group.tolist()):
         local = Path(manifest.images[image].path).read_bytes()[block * block_size : (block + n) * block_size]
         ours = source[s * block_size : (s + n) * block_size]
         assert local == ours
-        assert hashlib.sha256(ours).digest() == digest.tobytes()
+        group_bytes.setdefault(group, []).append(ours)
+    assert sorted(group_bytes) == list(range(len(manifest.group_runs)))
+    for group, pieces in group_bytes.items():
+        assert hashlib.sha256(b"".join(pieces)).digest() == manifest.group_hash[group].tobytes()
     kinds = block_kinds(manifest)
     start, length = manifest.runs_of(DUP)
     for s, n, origin in zip(start.tolist(), length.tolist(), manifest.dup_origin.tolist()):
@@ -155,6 +159,18 @@ def test_local_runs_are_cut_to_bound_what_a_stale_block_costs(tmp_path):
                                                                                block_size), block_size)
     _, length = manifest.runs_of(LOCAL)
     assert length.tolist() == [per_run, per_run, 10]
+    assert manifest.group_runs.tolist() == [1, 1, 1]
+
+
+@pytest.mark.parametrize("lengths, runs", [
+    ([1], [1]),
+    ([3, 3, 3, 3, 3], [4, 1]),  # windows of 10 blocks: runs starting at 0, 3, 6, 9 | 12
+    ([10, 10, 1], [1, 1, 1]),
+    ([5, 9, 10, 2, 2], [2, 1, 2]),  # starts 0, 5 | 14 | 24, 26
+    ([], []),
+])
+def test_verification_groups_cut_the_local_stream_into_windows(lengths, runs):
+    assert plan_groups(np.array(lengths, dtype=np.int64), 10).tolist() == runs
 
 
 def test_an_md5_collision_inside_the_source_is_sent_not_copied(tmp_path):
@@ -224,7 +240,7 @@ def test_round_trip_keeps_every_field(built):
     again = Manifest.from_bytes(data)
     for name in ("size_bytes", "block_size", "algorithm", "host", "checksum", "images", "source_path"):
         assert getattr(again, name) == getattr(manifest, name)
-    for name in ("run_kind", "run_length", "local_image", "local_block", "local_hash", "dup_origin"):
+    for name in ("run_kind", "run_length", "local_image", "local_block", "group_runs", "group_hash", "dup_origin"):
         assert np.array_equal(getattr(again, name), getattr(manifest, name))
     assert again.manifest_id == manifest.manifest_id == hashlib.sha256(data[ENVELOPE_SIZE:]).digest()
 
@@ -246,11 +262,12 @@ def test_a_flipped_bit_is_a_format_error(built, where):
         Manifest.from_bytes(bytes(damaged))
 
 
-@pytest.mark.parametrize("keep", [0, 5, ENVELOPE_SIZE - 1, ENVELOPE_SIZE, ENVELOPE_SIZE + 1, 1000, -1])
+@pytest.mark.parametrize("keep", [0, 5, ENVELOPE_SIZE - 1, ENVELOPE_SIZE, ENVELOPE_SIZE + 1, 0.5, -1])
 def test_a_truncated_manifest_is_a_format_error(built, keep):
     _, data = built
+    cut = int(len(data) * keep) if isinstance(keep, float) else keep
     with pytest.raises(FormatError, match="truncated|not a blocksketch"):
-        Manifest.from_bytes(data[:keep] if keep >= 0 else data[:keep])
+        Manifest.from_bytes(data[:cut])
 
 
 def test_appended_bytes_and_unknown_versions_are_format_errors(built):
