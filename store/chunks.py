@@ -46,13 +46,14 @@ ROW_BYTES = 16 + 4 + 8
 ROWS_PER_CHUNK = 1 << 21
 
 
-def chunk_count(rows: int, rows_per_chunk: int = ROWS_PER_CHUNK) -> int:
+def chunk_count(rows: int, rows_per_chunk: int | None = None) -> int:
     """Chunks used for a map of ``rows`` distinct digests (an empty map still has one chunk)."""
-    return max(1, -(-rows // rows_per_chunk))
+    return max(1, -(-rows // (rows_per_chunk or ROWS_PER_CHUNK)))
 
 
-def encode_chunks(block_map: BlockMap, rows_per_chunk: int = ROWS_PER_CHUNK) -> Iterator[bytes]:
+def encode_chunks(block_map: BlockMap, rows_per_chunk: int | None = None) -> Iterator[bytes]:
     """Yield the chunks of ``block_map``, one at a time, so a caller can stream them out."""
+    rows_per_chunk = rows_per_chunk or ROWS_PER_CHUNK
     rows = len(block_map.keys)
     for index in range(chunk_count(rows, rows_per_chunk)):
         part = slice(index * rows_per_chunk, min(rows, (index + 1) * rows_per_chunk))

@@ -189,3 +189,71 @@ def test_4k_index_and_an_all_zero_image(store, tmp_path):
     assert (zero.total_blocks, zero.zero_blocks, zero.unique_blocks) == (16, 16, 1)
     assert len(store.block_map("node-a", path).keys) == 0
     assert store.check_block_size(None) == 4096
+
+
+def test_block_maps_spanning_many_chunks_read_back_exactly(store, tmp_path, monkeypatch):
+    monkeypatch.setattr("store.chunks.ROWS_PER_CHUNK", 64)  # a few hundred rows -> several chunks
+    paths = write_fleet(tmp_path / "images", count=2)
+    refresh_host(store, "node-a", paths, BLOCK)
+    entry = store.catalogue("node-a").image(paths[0])
+    assert entry.chunks == -(-entry.distinct // 64) and entry.chunks > 3
+    for path in paths:
+        expected = direct_map(path)
+        stored = store.block_map("node-a", path)
+        assert np.array_equal(stored.keys, expected.keys) and np.array_equal(stored.first, expected.first)
+
+
+def test_a_reader_holding_a_swapped_catalogue_starts_over(store, tmp_path):
+    from store.reader import _Swapped
+
+    paths = write_fleet(tmp_path / "images", count=1)
+    refresh_host(store, "node-a", paths, BLOCK)
+    old = store.catalogue("node-a")
+    write_image(paths[0], random_blocks(np.random.default_rng(3), 50, BLOCK))
+    refresh_host(store, "node-a", paths, BLOCK)  # publishes, then deletes the old entries
+    with pytest.raises(_Swapped):
+        store._load_map(old, old.images[0])
+    assert np.array_equal(store.block_map("node-a", paths[0]).keys, direct_map(paths[0]).keys)
+
+
+def test_readers_during_refreshes_always_see_one_whole_generation(store_url, tmp_path):
+    import shutil
+    import threading
+
+    versions = []
+    for version in range(4):
+        made = write_fleet(tmp_path / f"v{version}", count=2, blocks=300, seed=100 + version)
+        versions.append((made, tuple(direct_map(p).keys.tobytes() for p in made)))
+    live = tmp_path / "live"
+    live.mkdir()
+    targets = [str(live / "vm0.img"), str(live / "vm1.img")]
+    for source, target in zip(versions[0][0], targets):
+        shutil.copy(source, target)
+    with open_store(store_url) as writer_store:
+        refresh_host(writer_store, "node-a", [str(live)], BLOCK)
+    expected = {v[1] for v in versions}
+    stop = threading.Event()
+
+    reading = threading.Event()
+
+    def writer():
+        with open_store(store_url) as own:
+            reading.wait(30)
+            for made, _ in versions[1:] * 2:
+                for source, target in zip(made, targets):
+                    shutil.copy(source, target + ".new")
+                    os.replace(target + ".new", target)  # a new inode: changed
+                refresh_host(own, "node-a", [str(live)], BLOCK)
+        stop.set()
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    seen = set()
+    with open_store(store_url) as reader:
+        while not stop.is_set():
+            got = tuple(m.keys.tobytes() for _, m in reader.host_block_maps("node-a"))
+            assert got in expected  # never a mix of two generations, never a half-written map
+            seen.add(got)
+            reading.set()
+    thread.join()
+    assert len(seen) >= 2
