@@ -64,6 +64,8 @@ def store_errors(url: str, doing: str) -> Iterator[None]:
         raise StoreError(f"Redis at {url} is out of memory (maxmemory reached) while {doing}; "
                          "free memory or raise maxmemory, then rerun") from None
     except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+        if doing == "connecting":
+            raise StoreError(f"cannot reach Redis at {url}: {_one_line(exc)}") from None
         raise StoreError(f"lost connection to Redis at {url} while {doing}: {_one_line(exc)}") from None
     except redis.exceptions.ResponseError as exc:
         text = _one_line(exc)
