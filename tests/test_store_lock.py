@@ -12,7 +12,7 @@ import pytest
 from sketch.errors import StoreError
 from store import keys, open_store, refresh_host
 from store.lock import HostLock, holder_is_dead, owner_token
-from tests.test_store_index import BLOCK, write_fleet
+from tests.test_store_index import BLOCK, store_url, write_fleet  # noqa: F401 (store_url: node and cluster)
 
 
 @pytest.fixture
@@ -90,10 +90,11 @@ def test_a_refresh_that_lost_its_lock_publishes_nothing(store, tmp_path):
     assert all(store.client.exists(name) for name in before.entry_keys())
 
 
-def test_the_lock_is_renewed_while_a_refresh_works(store):
-    lock = HostLock(store.client, store.url, "node-a", ttl_ms=300)
-    with lock:
-        time.sleep(0.8)  # well past the first expiry
-        assert store.client.get(keys.lock("node-a")).decode() == lock.token
-        lock.check()
-    assert store.client.get(keys.lock("node-a")) is None
+def test_the_lock_is_renewed_while_a_refresh_works(store_url):  # noqa: F811
+    with open_store(store_url) as store:
+        lock = HostLock(store.client, store.url, "node-a", ttl_ms=300)
+        with lock:
+            time.sleep(0.8)  # well past the first expiry
+            assert store.client.get(keys.lock("node-a")).decode() == lock.token
+            lock.check()
+        assert store.client.get(keys.lock("node-a")) is None
