@@ -11,16 +11,27 @@ from sketch.blocks import list_images
 from sketch.digests import data_bytes, digest_image
 from sketch.metrics import share_metrics
 
-from .common import Progress, block_size_option, emit_json, json_option, percent, print_table, show_progress
+from .common import (
+    Progress,
+    block_size_option,
+    emit_json,
+    format_option,
+    json_option,
+    percent,
+    print_table,
+    show_progress,
+)
 
 
-def digest_maps(paths: list[str], block_size: int, progress_enabled: bool, description: str) -> list[BlockMap]:
+def digest_maps(paths: list[str], block_size: int, progress_enabled: bool, description: str,
+                image_format: str | None = None) -> list[BlockMap]:
     """Block maps of several images, with one progress bar over all their data."""
-    total = sum(data_bytes(p, block_size) for p in paths)
+    total = sum(data_bytes(p, block_size, image_format) for p in paths)
     maps = []
     with Progress(progress_enabled, total, description) as progress:
         for path in paths:
-            maps.append(BlockMap.from_digests(digest_image(path, block_size, progress=progress)))
+            digests = digest_image(path, block_size, image_format=image_format, progress=progress)
+            maps.append(BlockMap.from_digests(digests))
     return maps
 
 
@@ -28,8 +39,9 @@ def digest_maps(paths: list[str], block_size: int, progress_enabled: bool, descr
 @click.argument("source", type=click.Path(dir_okay=False))
 @click.argument("targets", nargs=-1, required=True, type=click.Path())
 @block_size_option()
+@format_option
 @json_option
-def command(source: str, targets: tuple[str, ...], block_size: int, as_json: bool) -> None:
+def command(source: str, targets: tuple[str, ...], block_size: int, image_format: str | None, as_json: bool) -> None:
     """Share metrics of SOURCE against each TARGET (a file, or a directory: the union of its images).
 
     Counts blocks of SOURCE whose content occurs in TARGET, with duplicates (shared_ratio) and
@@ -42,10 +54,11 @@ def command(source: str, targets: tuple[str, ...], block_size: int, as_json: boo
     """
     progress = show_progress(as_json)
     target_images = {target: list_images(target) for target in targets}
-    (source_map,) = digest_maps([source], block_size, progress, os.path.basename(source))
+    (source_map,) = digest_maps([source], block_size, progress, os.path.basename(source), image_format)
     rows = []
     for target, paths in target_images.items():
-        metrics = share_metrics(source_map, digest_maps(paths, block_size, progress, os.path.basename(target)))
+        target_maps = digest_maps(paths, block_size, progress, os.path.basename(target), image_format)
+        metrics = share_metrics(source_map, target_maps)
         result = {"source": source, "target": target, **metrics.as_dict()}
         if as_json:
             emit_json(result)

@@ -72,7 +72,7 @@ def test_metrics_equal_a_plain_reference(tmp_path_factory, source, targets):
         path = scratch / f"{number}.img"
         path.write_bytes(data)
         paths.append(str(path))
-    maps = [BlockMap.from_digests(digest_image(p, BLOCK)) for p in paths if os.path.getsize(p)]
+    maps = [BlockMap.from_digests(digest_image(p, BLOCK, image_format="raw")) for p in paths if os.path.getsize(p)]
     expected = reference_metrics(source, [t for t in targets if t], BLOCK)
     got = share_metrics(maps[0], maps[1:]).as_dict()
     assert {k: got[k] for k in expected} == expected
