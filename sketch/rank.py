@@ -114,9 +114,10 @@ class RankQuery:
                         self.counts.astype(np.uint32), np.zeros(len(self.keys), dtype=np.uint64))
 
     def probes(self, heavy_threshold: int = DEFAULT_HEAVY_THRESHOLD, max_light: int = DEFAULT_MAX_LIGHT,
-               max_heavy: int = DEFAULT_MAX_HEAVY) -> ProbeSet:
+               max_heavy: int = DEFAULT_MAX_HEAVY, min_shift: int = 0) -> ProbeSet:
+        """What the estimate probes (:meth:`sketch.estimate.ProbeSet.build`)."""
         return ProbeSet.build(self.keys, self.counts, self.total_blocks, self.zero_blocks, heavy_threshold,
-                              max_light, max_heavy)
+                              max_light, max_heavy, min_shift)
 
 
 def _listing(names: Iterable[str]) -> str:
@@ -157,7 +158,7 @@ def rank_fleet(query: RankQuery, fleet: FleetSketches, host_maps: HostMaps | Non
 
     started = time.perf_counter()
     if probes is None:
-        probes = query.probes()
+        probes = query.probes(min_shift=fleet.min_shift)
     estimate = fleet.estimate(probes)
     estimate_seconds = time.perf_counter() - started
     ratio, unique_ratio = estimate.ratios()

@@ -104,6 +104,13 @@ def sample_sizes(sorted_words: np.ndarray) -> np.ndarray:
     return np.concatenate(([len(sorted_words)], inner, [0])).astype(np.int64)
 
 
+def choose_shift(sizes: np.ndarray, heavy_outside: np.ndarray, capacity: int, min_shift: int = 0) -> int:
+    """The smallest shift >= ``min_shift`` whose sample (``sizes[s]`` keys) plus the heavy keys
+    outside it (``heavy_outside[s]``) fit ``capacity``."""
+    fits = np.flatnonzero(sizes[min_shift:] + heavy_outside[min_shift:] <= capacity)
+    return int(fits[0]) + min_shift if len(fits) else MAX_SHIFT
+
+
 @dataclass
 class RankSketch:
     """One host's ranking sketch (see the module docstring)."""
@@ -131,8 +138,14 @@ class RankSketch:
         return HEADER_SIZE + self.m_bits // 8
 
     @classmethod
-    def build(cls, keys: np.ndarray, counts: np.ndarray, params: RankParams = RankParams()) -> RankSketch:
-        """The sketch of a host whose images hold the sorted unique ``keys`` ``counts`` times in all."""
+    def build(cls, keys: np.ndarray, counts: np.ndarray, params: RankParams = RankParams(), *,
+              min_shift: int = 0, distinct: int | None = None) -> RankSketch:
+        """The sketch of a host whose images hold the sorted unique ``keys`` ``counts`` times in all.
+
+        A caller that already sampled may pass only the keys at shift ``min_shift`` or above plus
+        every key of count >= ``heavy_threshold``, with the host's full ``distinct`` count: the
+        sketch is the same as from all keys whenever the chosen shift is at least ``min_shift``.
+        """
         from .bloom import BloomFilter
 
         keys = np.ascontiguousarray(keys, dtype=KEY_DTYPE).reshape(-1, 2)
@@ -154,8 +167,7 @@ class RankSketch:
         sizes = sample_sizes(words)
         # Heavy keys outside the sample at each shift: heavy keys sit at sorted positions >= prefix.
         heavy_outside = len(heavy_index) - np.searchsorted(heavy_index, sizes, side="left")
-        fits = np.flatnonzero(sizes + heavy_outside <= capacity)
-        shift = int(fits[0]) if len(fits) else MAX_SHIFT
+        shift = choose_shift(sizes, heavy_outside, capacity, min_shift)
         sampled = int(sizes[shift])
         extra = heavy_index[heavy_index >= sampled]
         m_bits = params.m_bits
@@ -166,7 +178,8 @@ class RankSketch:
         bloom = BloomFilter.create(m_bits, params.k)
         bloom.add(keys[:sampled])
         bloom.add(keys[extra])
-        return cls(m_bits, params.k, shift, min(threshold, 2**32 - 1), len(keys), sampled, len(extra),
+        return cls(m_bits, params.k, shift, min(threshold, 2**32 - 1), len(keys) if distinct is None else distinct,
+                   sampled, len(extra),
                    np.asarray(bloom.bits, dtype=np.uint8))
 
     @classmethod
