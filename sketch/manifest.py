@@ -182,9 +182,11 @@ class Manifest:
         """Decode and validate; any damage or inconsistency is a FormatError naming ``what``."""
         if len(data) < ENVELOPE_SIZE:
             raise FormatError(f"{what} is truncated or not a blocksketch manifest")
-        magic, version, _reserved, length, digest = _ENVELOPE.unpack_from(data)
+        magic, version, reserved, length, digest = _ENVELOPE.unpack_from(data)
         if magic != MAGIC:
             raise FormatError(f"{what} is not a blocksketch manifest (bad magic)")
+        if reserved != 0:
+            raise FormatError(f"{what} is corrupt (reserved envelope bits set)")
         if version != VERSION:
             raise FormatError(f"{what} has unknown version {version} (this blocksketch reads {VERSION}); "
                               "upgrade blocksketch or rebuild the manifest")

@@ -253,7 +253,7 @@ def test_save_is_atomic_and_load_reads_it(built, tmp_path):
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".m.manifest")] == []
 
 
-@pytest.mark.parametrize("where", [0, 7, 8, 12, 20, 30, ENVELOPE_SIZE, ENVELOPE_SIZE + 100, -200, -1])
+@pytest.mark.parametrize("where", [0, 7, 8, 9, 10, 11, 12, 19, 20, 51, ENVELOPE_SIZE, ENVELOPE_SIZE + 100, -200, -1])
 def test_a_flipped_bit_is_a_format_error(built, where):
     _, data = built
     damaged = bytearray(data)
