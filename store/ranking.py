@@ -12,7 +12,8 @@ block maps, in memory, until its next refresh stores one.
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 
 from sketch.errors import BlockSizeMismatch, FormatError, NotFound, UsageError
 from sketch.estimate import FleetSketches
@@ -43,6 +44,8 @@ register_host_sketch(RANK_SKETCH, build_rank_sketch)
 class _Warm:
     fleet: FleetSketches
     lock: threading.Lock
+    catalogues: dict[str, Catalogue] = field(default_factory=dict)
+    checked_at: float = float("-inf")
 
 
 _WARM: dict[tuple[str, float], _Warm] = {}
@@ -80,8 +83,12 @@ def _fetch_sketches(store: Store, stale: dict[str, Catalogue]) -> dict[str, Rank
     return found
 
 
-def load_fleet(store: Store) -> tuple[FleetSketches, dict[str, Catalogue]]:
-    """The warm fleet of ``store``'s index, brought up to date, and the catalogues it reflects."""
+def load_fleet(store: Store, max_age_s: float = 0.0) -> tuple[FleetSketches, dict[str, Catalogue]]:
+    """The warm fleet of ``store``'s index, brought up to date, and the catalogues it reflects.
+
+    Bringing it up to date reads every host's catalogue (one pipeline); a long-running caller (the
+    HTTP service) may pass ``max_age_s`` to reuse a check younger than that instead.
+    """
     config = store.config()
     if config is None:
         raise NotFound("the index is empty: run `blocksketch index` on the hosts first")
@@ -89,6 +96,8 @@ def load_fleet(store: Store) -> tuple[FleetSketches, dict[str, Catalogue]]:
         warm = _WARM.setdefault((store.url, config.created_at),
                                 _Warm(FleetSketches(PARAMS.m_bits, PARAMS.k), threading.Lock()))
     with warm.lock:
+        if time.monotonic() - warm.checked_at < max_age_s:
+            return warm.fleet, warm.catalogues
         catalogues = store.catalogues()
         fleet = warm.fleet
         for host in [h for h in fleet.hosts if h not in catalogues]:
@@ -97,6 +106,7 @@ def load_fleet(store: Store) -> tuple[FleetSketches, dict[str, Catalogue]]:
         if stale:
             sketches = _fetch_sketches(store, stale)
             fleet.put((host, sketches[host], _has_zero(c), _tag(c)) for host, c in stale.items())
+        warm.catalogues, warm.checked_at = catalogues, time.monotonic()
         return fleet, catalogues
 
 
@@ -126,10 +136,12 @@ def indexed_query(store: Store, host: str, path: str) -> RankQuery:
 
 
 def rank_image(store: Store, image: str | RankQuery, *, top: int = DEFAULT_TOP, exact_top: int = DEFAULT_EXACT_TOP,
-               exclude_hosts: tuple[str, ...] | list[str] = (), block_size: int | None = None) -> dict:
+               exclude_hosts: tuple[str, ...] | list[str] = (), block_size: int | None = None,
+               fleet_max_age_s: float = 0.0) -> dict:
     """Rank every indexed host for ``image``: a :class:`RankQuery` (a local or client image) or
     ``"HOST:PATH"`` naming an indexed image (its own host is left out). Returns the dict that
-    ``blocksketch rank --json`` prints (:func:`sketch.rank.rank_fleet`)."""
+    ``blocksketch rank --json`` prints (:func:`sketch.rank.rank_fleet`). ``fleet_max_age_s``: see
+    :func:`load_fleet`."""
     index_block_size = store.check_block_size(block_size)
     excluded = list(exclude_hosts)
     if isinstance(image, str):
@@ -143,7 +155,7 @@ def rank_image(store: Store, image: str | RankQuery, *, top: int = DEFAULT_TOP, 
         query = image
     if query.block_size != index_block_size:
         raise BlockSizeMismatch("the index", index_block_size, query.block_size)
-    fleet, catalogues = load_fleet(store)
+    fleet, catalogues = load_fleet(store, fleet_max_age_s)
     if not catalogues:
         raise NotFound("the index has no hosts to rank: run `blocksketch index` on the hosts first")
     details = {host: {"images": len(c.images), "size_bytes": sum(i.size_bytes for i in c.images)}

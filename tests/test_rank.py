@@ -193,6 +193,7 @@ def test_warm_fleet_follows_refreshes_and_builds_missing_sketches(indexed, tmp_p
         fleet, _ = load_fleet(store)
         before = fleet.tag("lon-3")
         refresh_host(store, "lon-3", hosts["lon-3"][:1], 4096)
+        assert load_fleet(store, max_age_s=3600)[0].tag("lon-3") == before  # a recent check is reused
         # A host indexed without a ranking sketch (by an older blocksketch) gets one from its maps.
         without = dict(sketches.HOST_SKETCHES)
         del without[RANK_SKETCH]
