@@ -17,7 +17,8 @@ def apply_with_store(store, manifest: Manifest, bundles: list[str], output: str,
     host = host or manifest.host
     store.check_block_size(manifest.block_size)
     local_paths = resolve_local_images(manifest, host, store.image)
-    with Progress(progress, manifest.size_bytes, "apply") as bar:
+    counts = manifest.byte_counts()
+    with Progress(progress, manifest.size_bytes - counts["zero"], "apply") as bar:
         return apply_manifest(manifest, bundles, output, local_paths, force=force, output_format=output_format,
                               ranges_file=ranges_out, progress=bar)
 

@@ -251,3 +251,20 @@ def test_kill_9_during_apply_leaves_no_output_and_the_next_run_cleans_up(tmp_pat
     assert done.returncode == 0, done.stderr
     assert out.read_bytes() == (tmp_path / "s.img").read_bytes()
     assert not partial.exists() and leftovers(tmp_path) == []
+
+
+def test_a_qcow2_source_and_qcow2_local_images_round_trip(tmp_path, store):
+    images = fleet(tmp_path, 512, host_dir="dst")
+    for path in [images["source"], *images["host"]]:
+        subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", path, path + ".qcow2"], check=True)
+        os.unlink(path)
+    qcow2 = {"source": images["source"] + ".qcow2", "host": [p + ".qcow2" for p in images["host"]]}
+    manifest = index_and_build(store, qcow2, 512)
+    assert manifest.block_counts()["local"] > 0
+    pack_bundle(qcow2["source"], manifest, str(tmp_path / "b"))
+    out = tmp_path / "out.img"
+    rebuild(store, manifest, [tmp_path / "b"], out)
+    compared = subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "qcow2", str(out), qcow2["source"]],
+                              capture_output=True, text=True)
+    assert compared.returncode == 0, compared.stdout + compared.stderr
+    assert out.stat().st_size == manifest.size_bytes
