@@ -3,13 +3,15 @@
 It knows nothing of Redis, HTTP or the command line; ``store``, ``server`` and ``cli`` call into it.
 """
 
+from .apply import MissingBlocks, apply_manifest, resolve_local_images
 from .blockmap import BlockMap, contains, digest_keys, key_digests
 from .blocks import DEFAULT_BLOCK_SIZE, check_block_size, list_images, open_image
 from .bloom import BloomFilter
+from .bundle import pack_bundle
 from .digests import ImageDigests, digest_image, digest_source
 from .errors import (
-    BlocksketchError,
     BlockSizeMismatch,
+    BlocksketchError,
     FormatError,
     ImageError,
     NotFound,
@@ -17,6 +19,8 @@ from .errors import (
     UsageError,
     VerificationError,
 )
+from .manifest import LocalImage, Manifest
+from .manifest_build import build_manifest
 from .metrics import ShareMetrics, share_metrics, shared_mask
 
 __all__ = [
@@ -28,11 +32,16 @@ __all__ = [
     "FormatError",
     "ImageDigests",
     "ImageError",
+    "LocalImage",
+    "Manifest",
+    "MissingBlocks",
     "NotFound",
     "ShareMetrics",
     "StoreError",
     "UsageError",
     "VerificationError",
+    "apply_manifest",
+    "build_manifest",
     "check_block_size",
     "contains",
     "digest_image",
@@ -41,6 +50,8 @@ __all__ = [
     "key_digests",
     "list_images",
     "open_image",
+    "pack_bundle",
+    "resolve_local_images",
     "share_metrics",
     "shared_mask",
 ]
