@@ -92,11 +92,29 @@ class Image:
     """One synthetic image: pool pieces, fresh keys (generated level by level from a seed), zeros."""
 
     def __init__(self, rng: np.random.Generator, pools: list[Pool], pool: int, seed: int, fraction=(0.15, 0.95)):
-        length = int(POOL_SIZE * rng.uniform(*fraction))
+        span = int(POOL_SIZE * rng.uniform(*fraction))
         start = int(rng.integers(0, POOL_SIZE))
         self.pool = pool
-        end = start + length
-        self.pieces = [(start, min(end, POOL_SIZE))] + ([(0, end - POOL_SIZE)] if end > POOL_SIZE else [])
+        # Holes of 0.2-2% of the range each (packages this image lacks), so no two images match exactly.
+        holes = np.sort(rng.integers(0, span, size=int(rng.integers(3, 12))))
+        widths = (span * rng.uniform(0.002, 0.02, size=len(holes))).astype(np.int64)
+        pieces, at = [], 0
+        for hole, width in zip(holes.tolist(), widths.tolist()):
+            if hole > at:
+                pieces.append((at, hole))
+            at = max(at, hole + width)
+        if at < span:
+            pieces.append((at, span))
+        self.pieces = []
+        for a, b in pieces:  # shift to start, wrapping around the pool
+            a, b = a + start, b + start
+            if b <= POOL_SIZE:
+                self.pieces.append((a, b))
+            elif a >= POOL_SIZE:
+                self.pieces.append((a - POOL_SIZE, b - POOL_SIZE))
+            else:
+                self.pieces += [(a, POOL_SIZE), (0, b - POOL_SIZE)]
+        length = sum(b - a for a, b in self.pieces)
         fresh_share = rng.uniform(0.05, 0.4)
         self.fresh = int(length * fresh_share / (1 - fresh_share))
         # Fresh keys exactly at each level: nested binomial halvings.
@@ -146,12 +164,14 @@ class Host:
         self.images = images
         self.segments: list[tuple[int, int, int, int]] = []  # (pool, a, b, images covering)
         for pool in sorted({i.pool for i in images}):
-            pieces = [p for i in images if i.pool == pool for p in i.pieces]
-            cuts = sorted({x for piece in pieces for x in piece})
-            for a, b in zip(cuts[:-1], cuts[1:]):
-                cover = sum(1 for pa, pb in pieces if pa <= a and b <= pb)
-                if cover:
-                    self.segments.append((pool, a, b, cover))
+            pieces = np.array([p for i in images if i.pool == pool for p in i.pieces], dtype=np.int64)
+            starts, ends = np.sort(pieces[:, 0]), np.sort(pieces[:, 1])
+            cuts = np.unique(pieces)
+            # Pieces covering [a, b) between consecutive cuts: started at or before a, not ended by a.
+            cover = np.searchsorted(starts, cuts[:-1], side="right") - np.searchsorted(ends, cuts[:-1], side="right")
+            for a, b, c in zip(cuts[:-1].tolist(), cuts[1:].tolist(), cover.tolist()):
+                if c:
+                    self.segments.append((pool, a, b, c))
 
     def sizes_and_heavy(self, pools: list[Pool], threshold: int) -> tuple[np.ndarray, np.ndarray, int]:
         """Distinct keys at each sample level, heavy keys outside each sample, heavy total."""
@@ -313,7 +333,7 @@ def run(args) -> dict:
         queries.append((image, RankQuery.from_block_map(image.block_map(pools), f"query-{number}")))
     truths = [truth.shared(image, pools) for image, _ in queries]
 
-    latencies, cpu_times, light_probes, heavy_probes, regrets = [], [], [], [], []
+    latencies, cpu_times, light_probes, heavy_probes, regrets, gaps, close_hits = [], [], [], [], [], [], []
     err_shared, err_unique, err_shared_overlap, covered, covered_unique = [], [], [], [], []
     in_top3, top1 = 0, 0
     exact_rates, probe_rates, exact_agree = [], [], True
@@ -347,6 +367,9 @@ def run(args) -> dict:
         in_top3 += any((true_blocks[i], true_distinct[i]) == best_key for i in order[:3].tolist())
         top1 += (true_blocks[order[0]], true_distinct[order[0]]) == best_key
         regrets.append(float((true_blocks[best] - true_blocks[order[:3]].max()) / query.total_blocks * 100))
+        ranked = np.sort(true_blocks)[::-1]
+        gaps.append(float((ranked[0] - ranked[1]) / query.total_blocks * 100))
+        close_hits.append(any((true_blocks[i], true_distinct[i]) == best_key for i in order[:3].tolist()))
         if number < args.exact_queries:
             result = rank_fleet(query, fleet, lambda name: hosts[int(name.split("-")[1])].maps(pools),
                                 top=3, exact_top=3, probes=probes)
@@ -392,6 +415,10 @@ def run(args) -> dict:
         "exact_best_in_estimate_top3": in_top3 / args.queries,
         "exact_best_is_estimate_top1": top1 / args.queries,
         "top3_regret_points": {"max": float(np.max(regrets)), "p99": float(np.percentile(regrets, 99))},
+        "runner_up_gap_points": {"p50": float(np.median(gaps)), "within_1_5": float(np.mean(np.array(gaps) < 1.5)),
+                                 "within_0_5": float(np.mean(np.array(gaps) < 0.5))},
+        "top3_when_runner_up_within_1_5": float(np.mean([h for h, g in zip(close_hits, gaps) if g < 1.5]))
+        if any(g < 1.5 for g in gaps) else None,
         "exact_pass": {"queries": min(args.exact_queries, args.queries), "agrees_with_truth": bool(exact_agree),
                        "digests_per_second": float(np.median(exact_rates)) if exact_rates else None,
                        "query_probes_per_second": float(np.median(probe_rates)) if probe_rates else None},
@@ -436,6 +463,10 @@ def print_human(r: dict) -> None:
     print(f"exact best host in the estimate's top 3: {r['exact_best_in_estimate_top3'] * 100:.1f}% of queries; "
           f"estimate's #1: {r['exact_best_is_estimate_top1'] * 100:.1f}%; when missed, the top 3's best is "
           f"at most {r['top3_regret_points']['max']:.2f} points below it")
+    g = r["runner_up_gap_points"]
+    print(f"exact runner-up within 1.5 points of the best in {g['within_1_5'] * 100:.0f}% of queries "
+          f"(within 0.5: {g['within_0_5'] * 100:.0f}%, median gap {g['p50']:.2f}); among those the best is in "
+          f"the estimate's top 3 in {(r['top3_when_runner_up_within_1_5'] or 0) * 100:.1f}%")
     x = r["exact_pass"]
     if x["digests_per_second"]:
         print(f"exact pass: {x['digests_per_second'] / 1e6:.1f} M digests/s (query + host maps), "
