@@ -162,6 +162,14 @@ class EmbeddedServer:
             return None
         return pid if _pid_alive(pid) else None
 
+    def _exited(self) -> bool:
+        """True once the pidfile names a process that is gone (an empty, half-written file is not proof)."""
+        try:
+            pid = int(self.pidfile.read_text().strip())
+        except (OSError, ValueError):
+            return False
+        return not _pid_alive(pid)
+
     def _answers(self) -> bool:
         if self._pid() is None:
             return False
@@ -195,7 +203,7 @@ class EmbeddedServer:
                     return True
             except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError):
                 # Not listening yet, or still loading its data (BusyLoadingError).
-                if self.pidfile.exists() and self._pid() is None:
+                if self._exited():
                     if quiet:
                         return False
                     tail = self._log_tail()
