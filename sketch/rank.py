@@ -29,6 +29,7 @@ from .estimate import (
     DEFAULT_HEAVY_THRESHOLD,
     DEFAULT_MAX_HEAVY,
     DEFAULT_MAX_LIGHT,
+    FleetEstimate,
     FleetSketches,
     ProbeSet,
 )
@@ -81,6 +82,12 @@ class RankQuery:
     def distinct_nonzero(self) -> int:
         return len(self.keys)
 
+    def require_data(self) -> None:
+        """ImageError unless the image has a non-zero block: an all-zero image needs no host."""
+        if len(self.keys) == 0:
+            raise ImageError(f"image {self.name or 'query'} has no non-zero blocks: it needs nothing from any "
+                             "host, so there is nothing to rank")
+
     @classmethod
     def from_block_map(cls, block_map: BlockMap, name: str = "") -> RankQuery:
         return cls(block_map.block_size, block_map.total_blocks, block_map.zero_blocks, block_map.keys,
@@ -131,36 +138,41 @@ def _metrics_fields(prefix: str, metrics) -> dict:
             f"{prefix}shared_unique_blocks": metrics.shared_unique_blocks, "send_blocks": metrics.send_blocks}
 
 
-def rank_fleet(query: RankQuery, fleet: FleetSketches, host_maps: HostMaps | None = None, *,
+def rank_fleet(query: RankQuery, fleet: FleetSketches | None, host_maps: HostMaps | None = None, *,
                top: int = DEFAULT_TOP, exact_top: int = DEFAULT_EXACT_TOP, exclude_hosts: Iterable[str] = (),
-               host_details: Mapping[str, Mapping] | None = None, probes: ProbeSet | None = None) -> dict:
+               host_details: Mapping[str, Mapping] | None = None, probes: ProbeSet | None = None,
+               estimate: FleetEstimate | None = None, estimate_seconds: float | None = None) -> dict:
     """Rank every host of ``fleet`` for ``query``; see the module docstring for the steps.
 
     ``host_maps`` reads a host's block maps for the exact pass (None skips it: the estimate alone
     decides). ``host_details`` adds fields (e.g. ``images``, ``size_bytes``) to each host's row.
+    A caller that already ran the estimate (e.g. under a lock shared with fleet updates) passes
+    ``estimate`` with the ``probes`` it used, and ``fleet`` may then be None.
     Raises NotFound for an empty fleet or an unknown excluded host, ImageError for an image with
     no non-zero block.
     """
     if top < 1 or exact_top < 0:
         raise UsageError("--top must be at least 1 and --exact-top at least 0")
     excluded = set(exclude_hosts)
-    if len(fleet) == 0:
+    hosts = estimate.hosts if estimate is not None else fleet.hosts if fleet is not None else []
+    if not hosts:
         raise NotFound("the index has no hosts to rank: run `blocksketch index` on the hosts first")
-    unknown = sorted(h for h in excluded if h not in fleet)
+    unknown = sorted(excluded.difference(hosts))
     if unknown:
-        raise NotFound(f"cannot exclude unknown host {unknown[0]} (indexed: {_listing(fleet.hosts)})")
-    if len(excluded) >= len(fleet):
+        raise NotFound(f"cannot exclude unknown host {unknown[0]} (indexed: {_listing(hosts)})")
+    if len(excluded) >= len(hosts):
         raise NotFound(f"no host left to rank after excluding {_listing(excluded)}")
+    query.require_data()
     name = query.name or "query"
-    if query.distinct_nonzero == 0:
-        raise ImageError(f"image {name} has no non-zero blocks: it needs nothing from any host, so there is "
-                         "nothing to rank")
 
-    started = time.perf_counter()
-    if probes is None:
-        probes = query.probes(min_shift=fleet.min_shift)
-    estimate = fleet.estimate(probes)
-    estimate_seconds = time.perf_counter() - started
+    if estimate is None:
+        started = time.perf_counter()
+        if probes is None:
+            probes = query.probes(min_shift=fleet.min_shift)
+        estimate = fleet.estimate(probes)
+        estimate_seconds = time.perf_counter() - started
+    elif probes is None:
+        raise UsageError("rank_fleet: pass the probes the estimate was made with")
     ratio, unique_ratio = estimate.ratios()
     error, unique_error = estimate.errors95()
     candidates = [i for i, host in enumerate(estimate.hosts) if host not in excluded]

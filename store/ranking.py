@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, field
 
 from sketch.errors import BlockSizeMismatch, FormatError, NotFound, UsageError
-from sketch.estimate import FleetSketches
+from sketch.estimate import FleetEstimate, FleetSketches, ProbeSet
 from sketch.rank import DEFAULT_EXACT_TOP, DEFAULT_TOP, RankQuery, rank_fleet
 from sketch.ranksketch import RankParams, RankSketch
 
@@ -83,31 +83,54 @@ def _fetch_sketches(store: Store, stale: dict[str, Catalogue]) -> dict[str, Rank
     return found
 
 
-def load_fleet(store: Store, max_age_s: float = 0.0) -> tuple[FleetSketches, dict[str, Catalogue]]:
-    """The warm fleet of ``store``'s index, brought up to date, and the catalogues it reflects.
-
-    Bringing it up to date reads every host's catalogue (one pipeline); a long-running caller (the
-    HTTP service) may pass ``max_age_s`` to reuse a check younger than that instead.
-    """
+def _warm(store: Store) -> _Warm:
     config = store.config()
     if config is None:
         raise NotFound("the index is empty: run `blocksketch index` on the hosts first")
     with _WARM_LOCK:
-        warm = _WARM.setdefault((store.url, config.created_at),
+        return _WARM.setdefault((store.url, config.created_at),
                                 _Warm(FleetSketches(PARAMS.m_bits, PARAMS.k), threading.Lock()))
+
+
+def _update(warm: _Warm, store: Store, max_age_s: float) -> dict[str, Catalogue]:
+    """Bring ``warm`` up to date (the caller holds its lock); the catalogues it now reflects."""
+    if time.monotonic() - warm.checked_at < max_age_s:
+        return warm.catalogues
+    catalogues = store.catalogues()
+    fleet = warm.fleet
+    for host in [h for h in fleet.hosts if h not in catalogues]:
+        fleet.remove(host)
+    stale = {h: c for h, c in catalogues.items() if fleet.tag(h) != _tag(c)}
+    if stale:
+        sketches = _fetch_sketches(store, stale)
+        fleet.put((host, sketches[host], _has_zero(c), _tag(c)) for host, c in stale.items())
+    warm.catalogues, warm.checked_at = catalogues, time.monotonic()
+    return catalogues
+
+
+def load_fleet(store: Store, max_age_s: float = 0.0) -> tuple[FleetSketches, dict[str, Catalogue]]:
+    """The warm fleet of ``store``'s index, brought up to date, and the catalogues it reflects.
+
+    Bringing it up to date reads every host's catalogue (one pipeline); a long-running caller (the
+    HTTP service) may pass ``max_age_s`` to reuse a check younger than that instead. Another
+    thread may update the fleet later: to probe it concurrently use :func:`estimate_image`.
+    """
+    warm = _warm(store)
     with warm.lock:
-        if time.monotonic() - warm.checked_at < max_age_s:
-            return warm.fleet, warm.catalogues
-        catalogues = store.catalogues()
-        fleet = warm.fleet
-        for host in [h for h in fleet.hosts if h not in catalogues]:
-            fleet.remove(host)
-        stale = {h: c for h, c in catalogues.items() if fleet.tag(h) != _tag(c)}
-        if stale:
-            sketches = _fetch_sketches(store, stale)
-            fleet.put((host, sketches[host], _has_zero(c), _tag(c)) for host, c in stale.items())
-        warm.catalogues, warm.checked_at = catalogues, time.monotonic()
-        return fleet, catalogues
+        return warm.fleet, _update(warm, store, max_age_s)
+
+
+def estimate_image(store: Store, query: RankQuery, max_age_s: float = 0.0
+                   ) -> tuple[FleetEstimate, ProbeSet, dict[str, Catalogue], float]:
+    """The estimate stage for ``query`` over the up-to-date warm fleet, under the fleet's lock:
+    ``(estimate, probes, catalogues, seconds spent probing)``."""
+    warm = _warm(store)
+    with warm.lock:
+        catalogues = _update(warm, store, max_age_s)
+        started = time.perf_counter()
+        probes = query.probes(min_shift=warm.fleet.min_shift)
+        estimate = warm.fleet.estimate(probes)
+        return estimate, probes, catalogues, time.perf_counter() - started
 
 
 def forget_fleets() -> None:
@@ -155,7 +178,8 @@ def rank_image(store: Store, image: str | RankQuery, *, top: int = DEFAULT_TOP, 
         query = image
     if query.block_size != index_block_size:
         raise BlockSizeMismatch("the index", index_block_size, query.block_size)
-    fleet, catalogues = load_fleet(store, fleet_max_age_s)
+    query.require_data()
+    estimate, probes, catalogues, seconds = estimate_image(store, query, fleet_max_age_s)
     if not catalogues:
         raise NotFound("the index has no hosts to rank: run `blocksketch index` on the hosts first")
     details = {host: {"images": len(c.images), "size_bytes": sum(i.size_bytes for i in c.images)}
@@ -172,6 +196,6 @@ def rank_image(store: Store, image: str | RankQuery, *, top: int = DEFAULT_TOP, 
     if unknown:
         known = ", ".join(sorted(catalogues)[:5]) + (" ..." if len(catalogues) > 5 else "")
         raise NotFound(f"cannot exclude unknown host {unknown[0]} (indexed: {known})")
-    return rank_fleet(query, fleet, host_maps, top=top, exact_top=exact_top, exclude_hosts=excluded,
-                      host_details=details)
+    return rank_fleet(query, None, host_maps, top=top, exact_top=exact_top, exclude_hosts=excluded,
+                      host_details=details, probes=probes, estimate=estimate, estimate_seconds=seconds)
 

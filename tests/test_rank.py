@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 
 import numpy as np
 import pytest
@@ -225,3 +226,28 @@ def test_rank_image_on_a_cluster(tmp_path, redis_cluster):
             refresh_host(store, host, write_host(tmp_path / host, rng, source, share, fresh=100), 4096)
         result = rank_image(store, RankQuery.from_digests(digest_image(str(tmp_path / "source.img"), 4096)))
     assert result["winner"] == "b" and result["estimate_order_agrees"] is True
+
+
+def test_concurrent_ranks_share_the_warm_fleet_while_a_host_refreshes(indexed):
+    url, source, hosts = indexed
+    query = RankQuery.from_digests(digest_image(source, 4096))
+    failures = []
+
+    def ranker():
+        with open_store(url) as store:
+            for _ in range(4):
+                try:
+                    result = rank_image(store, query)
+                    assert result["winner"] == "ams-1" and result["hosts_ranked"] == 3
+                except Exception as exc:  # collected: an assert in a thread would be lost
+                    failures.append(exc)
+
+    threads = [threading.Thread(target=ranker) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    with open_store(url) as store:
+        for turn in range(4):
+            refresh_host(store, "lon-3", hosts["lon-3"][: 1 + turn % 2], 4096)
+    for thread in threads:
+        thread.join()
+    assert failures == []
