@@ -172,8 +172,9 @@ class RankSketch:
         extra = heavy_index[heavy_index >= sampled]
         m_bits = params.m_bits
         # A host whose every key fits a smaller filter stores that one; tiled back to m_bits it
-        # answers exactly the same (bit j of the tiling is bit j mod m), at the same FP rate.
-        while shift == 0 and m_bits > 64 and capacity_of(m_bits // 2, params.k, params.fp_rate) >= sampled:
+        # answers exactly the same (bit j of the tiling is bit j mod m), at the same FP rate. It
+        # stays at 1/16 of the target FP rate: the fleet matrix holds m_bits per host anyway.
+        while shift == 0 and m_bits > 64 and capacity_of(m_bits // 2, params.k, params.fp_rate / 16) >= sampled:
             m_bits //= 2
         bloom = BloomFilter.create(m_bits, params.k)
         bloom.add(keys[:sampled])
