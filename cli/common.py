@@ -108,3 +108,23 @@ redis_option = click.option(
     help="Index store: a redis://, rediss:// or unix:// URL of a node or a cluster "
          "[default: $BLOCKSKETCH_REDIS_URL, else the embedded store under $BLOCKSKETCH_HOME].",
 )
+
+
+server_option = click.option(
+    "--server", "server_url", envvar="BLOCKSKETCH_SERVER", default=None, metavar="URL",
+    help="Ask a running `blocksketch serve` at URL instead of the store (token from --token-file or "
+         "$BLOCKSKETCH_TOKEN).",
+)
+token_file_option = click.option(
+    "--token-file", type=click.Path(dir_okay=False), default=None,
+    help="File holding the service's bearer token [default: $BLOCKSKETCH_TOKEN].",
+)
+
+
+def service_client(server_url: str, token_file: str | None):
+    """A client of the query service at ``server_url``."""
+    from server.client import ServiceClient
+
+    from .serve_cmd import read_token
+
+    return ServiceClient(server_url, read_token(token_file))

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import base64
 import os
 
 import click
 
 from sketch.digests import data_bytes
+from sketch.errors import FormatError, UsageError
 from sketch.manifest import KIND_NAMES, LocalImage, Manifest
 from sketch.manifest_build import build_manifest
 from store import open_store
@@ -19,7 +21,10 @@ from .common import (
     json_option,
     print_table,
     redis_option,
+    server_option,
+    service_client,
     show_progress,
+    token_file_option,
 )
 
 
@@ -35,6 +40,23 @@ def manifest_from_store(store, image: str, host: str, block_size: int | None, pr
                               digest_progress=digest_bar, seal_progress=seal_bar)
 
 
+def manifest_from_service(server_url: str, token_file: str | None, image: str, host: str,
+                          block_size: int | None) -> Manifest:
+    """Ask the service for the manifest of the indexed image ``image`` (HOST:PATH) to ``host``."""
+    source_host, sep, path = image.partition(":")
+    if not sep or not source_host or not path or os.path.exists(image):
+        raise UsageError(f"with --server, IMAGE must be HOST:PATH of an image the service can read, not {image!r}")
+    with service_client(server_url, token_file) as client:
+        if block_size is not None:
+            client.check_block_size(block_size)
+        answer = client.manifest(image, host, include_manifest=True)
+    try:
+        data = base64.b64decode(answer["manifest"], validate=True)
+    except (KeyError, TypeError, ValueError):
+        raise FormatError(f"the service at {server_url} sent no valid manifest") from None
+    return Manifest.from_bytes(data, f"manifest from {server_url}")
+
+
 def summary_rows(summary: dict) -> list[list]:
     return [[kind, summary["blocks"][kind], human_bytes(summary["bytes"][kind]), summary["runs"][kind]]
             for kind in KIND_NAMES]
@@ -47,9 +69,11 @@ def summary_rows(summary: dict) -> list[list]:
               help="Manifest file to write [default: IMAGE's name + .HOST.manifest, here].")
 @block_size_option(default=None)
 @redis_option
+@server_option
+@token_file_option
 @json_option
 def command(image: str, host: str, output: str | None, block_size: int | None, redis_url: str | None,
-            as_json: bool) -> None:
+            server_url: str | None, token_file: str | None, as_json: bool) -> None:
     """Write the transfer manifest of IMAGE for host HOST (--to).
 
     Every block of IMAGE is classified exactly against all images the index lists for HOST: zero
@@ -62,10 +86,14 @@ def command(image: str, host: str, output: str | None, block_size: int | None, r
     Example:
       blocksketch manifest vm.img --to node-7 -o vm.manifest
       blocksketch manifest vm.img --to node-7 -o vm.manifest --json
+      blocksketch manifest node-3:/srv/vm.img --to node-7 --server http://ranker:8470
     """
     output = output or f"{os.path.basename(image)}.{host}.manifest"
-    with open_store(redis_url) as store:
-        manifest = manifest_from_store(store, image, host, block_size, show_progress(as_json))
+    if server_url:
+        manifest = manifest_from_service(server_url, token_file, image, host, block_size)
+    else:
+        with open_store(redis_url) as store:
+            manifest = manifest_from_store(store, image, host, block_size, show_progress(as_json))
     size = manifest.save(output)
     summary = {"manifest": output, "manifest_bytes": size, **manifest.summary()}
     if as_json:

@@ -21,7 +21,10 @@ from .common import (
     percent,
     print_table,
     redis_option,
+    server_option,
+    service_client,
     show_progress,
+    token_file_option,
 )
 
 
@@ -67,9 +70,11 @@ def print_ranking(result: dict) -> None:
               help="Leave this host out (repeatable), e.g. the image's current host.")
 @block_size_option(default=None)
 @redis_option
+@server_option
+@token_file_option
 @json_option
 def command(image: str, top: int, exact_top: int, exclude_hosts: tuple[str, ...], block_size: int | None,
-            redis_url: str | None, as_json: bool) -> None:
+            redis_url: str | None, server_url: str | None, token_file: str | None, as_json: bool) -> None:
     """Rank every indexed host by how much of IMAGE it already holds.
 
     IMAGE is a local image file (digested here; it need not be indexed) or HOST:PATH naming an
@@ -82,22 +87,51 @@ def command(image: str, top: int, exact_top: int, exclude_hosts: tuple[str, ...]
     Example:
       blocksketch rank vm.img
       blocksketch rank ams-1:/srv/images/web.img --top 5 --exact-top 3 --json
+      blocksketch rank vm.img --server http://ranker:8470 --token-file ~/.blocksketch-token
     """
-    with open_store(redis_url) as store:
-        if os.path.exists(image):
-            index_block_size = store.check_block_size(block_size)
-            progress = show_progress(as_json)
-            with Progress(progress, data_bytes(image, index_block_size) if progress else 0,
-                          os.path.basename(image)) as bar:
-                query = RankQuery.from_digests(digest_image(image, index_block_size, progress=bar), image)
-            result = rank_image(store, query, top=top, exact_top=exact_top, exclude_hosts=exclude_hosts,
-                                block_size=block_size)
-        elif parse_indexed(image) is not None:
-            result = rank_image(store, image, top=top, exact_top=exact_top, exclude_hosts=exclude_hosts,
-                                block_size=block_size)
-        else:
-            raise ImageError(f"no such image: {image} (give a local image file or HOST:PATH of an indexed image)")
+    if server_url:
+        result = rank_with_service(server_url, token_file, image, top, exact_top, exclude_hosts, block_size,
+                                   show_progress(as_json))
+    else:
+        result = rank_with_store(redis_url, image, top, exact_top, exclude_hosts, block_size, show_progress(as_json))
     if as_json:
         emit_json(result)
     else:
         print_ranking(result)
+
+
+def local_query(image: str, block_size: int, progress: bool) -> RankQuery:
+    """Digest a local image into a ranking query."""
+    with Progress(progress, data_bytes(image, block_size) if progress else 0, os.path.basename(image)) as bar:
+        return RankQuery.from_digests(digest_image(image, block_size, progress=bar), image)
+
+
+def rank_with_service(server_url: str, token_file: str | None, image: str, top: int, exact_top: int,
+                      exclude_hosts: tuple[str, ...], block_size: int | None, progress: bool) -> dict:
+    """Ask the service: an indexed image by name, a local one as its digests and counts."""
+    from server.handlers import rank_query_to_body
+
+    options = {"top": top, "exact_top": exact_top, "exclude_hosts": list(exclude_hosts)}
+    with service_client(server_url, token_file) as client:
+        if os.path.exists(image):
+            query = local_query(image, client.check_block_size(block_size), progress)
+            query.require_data()
+            return client.rank({**rank_query_to_body(query), **options})
+        if parse_indexed(image) is None:
+            raise ImageError(f"no such image: {image} (give a local image file or HOST:PATH of an indexed image)")
+        if block_size is not None:
+            client.check_block_size(block_size)
+        return client.rank({"image": image, **options})
+
+
+def rank_with_store(redis_url: str | None, image: str, top: int, exact_top: int, exclude_hosts: tuple[str, ...],
+                    block_size: int | None, progress: bool) -> dict:
+    with open_store(redis_url) as store:
+        if os.path.exists(image):
+            query = local_query(image, store.check_block_size(block_size), progress)
+            return rank_image(store, query, top=top, exact_top=exact_top, exclude_hosts=exclude_hosts,
+                              block_size=block_size)
+        if parse_indexed(image) is not None:
+            return rank_image(store, image, top=top, exact_top=exact_top, exclude_hosts=exclude_hosts,
+                              block_size=block_size)
+        raise ImageError(f"no such image: {image} (give a local image file or HOST:PATH of an indexed image)")

@@ -1,0 +1,211 @@
+"""The blocksketch query service: an authenticated JSON API over the Redis index.
+
+Every endpoint but ``/healthz`` needs ``Authorization: Bearer TOKEN`` (compared in constant time).
+Bodies are size-limited; errors are JSON ``{"error", "detail"}`` with a 4xx for bad input and a 5xx
+only for real server faults. Handlers are synchronous library calls run in Starlette's thread pool.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import msgpack
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from sketch.errors import BlocksketchError, UsageError
+
+from .errors import HTTPError, error_response, library_error_response
+from .metrics import ServiceMetrics
+from .openapi import openapi_document
+
+DEFAULT_MAX_BODY_BYTES = 64 << 20
+MSGPACK = "application/msgpack"
+
+
+@dataclass
+class ServiceState:
+    """What every handler needs: the store, the token, the limits, the metrics, handler extensions."""
+
+    store: object
+    token: str | None
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    metrics: ServiceMetrics = field(default_factory=ServiceMetrics)
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused with 413 past ``limit`` bytes (declared or streamed)."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.isdigit():
+            raise HTTPError(400, "bad_request", "Content-Length is not a number")
+        if int(declared) > limit:
+            raise HTTPError(413, "body_too_large", f"request body over {limit} bytes")
+    chunks = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise HTTPError(413, "body_too_large", f"request body over {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def decode_body(body: bytes, content_type: str) -> dict:
+    """A JSON (or msgpack) object body; anything else is a 400."""
+    if not body:
+        raise HTTPError(400, "bad_request", "request body is empty; a JSON object is expected")
+    if content_type.split(";")[0].strip().lower() == MSGPACK:
+        try:
+            value = msgpack.unpackb(body, raw=False, strict_map_key=True)
+        except Exception as exc:  # msgpack raises several unrelated types on bad input
+            raise HTTPError(400, "bad_request", f"malformed msgpack body: {exc}") from None
+    else:
+        try:
+            value = json.loads(body)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise HTTPError(400, "bad_request", f"malformed JSON body: {exc}") from None
+    if not isinstance(value, dict):
+        raise HTTPError(400, "bad_request", "the body must be an object")
+    return value
+
+
+def check_token(request: Request, token: str | None) -> None:
+    if token is None:
+        return
+    header = request.headers.get("authorization", "")
+    scheme, _, given = header.partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
+        raise HTTPError(401, "unauthorized", "a valid 'Authorization: Bearer TOKEN' header is required")
+
+
+Handler = Callable[[ServiceState, dict, dict], object]
+
+
+def endpoint(state: ServiceState, route: str, handler: Handler, *, auth: bool = True, body: bool = False):
+    """Wrap a synchronous ``handler(state, path_params, body)`` with auth, body parsing, errors, metrics."""
+
+    async def asgi_endpoint(request: Request) -> Response:
+        started = time.perf_counter()
+        status = 500
+        try:
+            if auth:
+                check_token(request, state.token)
+            payload = {}
+            if body:
+                payload = decode_body(await read_body(request, state.max_body_bytes),
+                                      request.headers.get("content-type", ""))
+            params = dict(request.path_params)
+            params["_query"] = dict(request.query_params)
+            result = await run_in_threadpool(handler, state, params, payload)
+            response = result if isinstance(result, Response) else JSONResponse(result)
+        except HTTPError as exc:
+            response = error_response(exc.status, exc.error, exc.detail)
+        except BlocksketchError as exc:
+            response = library_error_response(exc)
+        except Exception as exc:  # a real fault: 500 with a JSON body, never a traceback to the client
+            response = error_response(500, "internal_error", f"{type(exc).__name__}: {exc}")
+        status = response.status_code
+        state.metrics.requests.labels(route, request.method, str(status)).inc()
+        state.metrics.latency.labels(route).observe(time.perf_counter() - started)
+        if status >= 400:
+            state.metrics.errors.labels(route, json.loads(response.body).get("error", "unknown")).inc()
+        return response
+
+    return asgi_endpoint
+
+
+def _healthz(state: ServiceState, params: dict, body: dict) -> Response:
+    try:
+        redis_ok = bool(state.store.client.ping())
+    except Exception:  # any failure to answer means "not healthy", which is what this endpoint reports
+        redis_ok = False
+    return JSONResponse({"status": "ok", "redis": redis_ok, "store": state.store.url})
+
+
+def _hosts(state: ServiceState, params: dict, body: dict) -> list:
+    return [host.to_dict() for host in state.store.hosts()]
+
+
+def _host_images(state: ServiceState, params: dict, body: dict) -> list:
+    host = params["host"]
+    if host not in state.store.host_names():
+        raise_unknown_host(state, host)
+    return [image.to_dict() for image in state.store.images(host)]
+
+
+def raise_unknown_host(state: ServiceState, host: str) -> None:
+    from sketch.errors import NotFound
+
+    known = state.store.host_names()
+    raise NotFound(f"unknown host {host!r}; indexed hosts: {', '.join(known) if known else 'none'}")
+
+
+def _index(state: ServiceState, params: dict, body: dict) -> dict:
+    from sketch.errors import NotFound
+
+    config = state.store.config()
+    if config is None:
+        raise NotFound("the index is empty: run `blocksketch index` on the hosts first")
+    return {"block_size": config.block_size, "algorithm": config.algorithm, "fp_rate": config.fp_rate,
+            "k": config.k, "hosts": len(state.store.host_names())}
+
+
+def _metrics(state: ServiceState, params: dict, body: dict) -> Response:
+    hosts = state.store.hosts()
+    state.metrics.index_hosts.set(len(hosts))
+    state.metrics.index_images.set(sum(h.images for h in hosts))
+    state.metrics.index_bytes.set(sum(h.size_bytes for h in hosts))
+    return Response(state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+def _openapi(state: ServiceState, params: dict, body: dict) -> JSONResponse:
+    return JSONResponse(openapi_document())
+
+
+def positive_int(body: dict, name: str, default: int, maximum: int = 100_000) -> int:
+    value = body.get(name, default)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= maximum:
+        raise UsageError(f"'{name}' must be an integer from 0 to {maximum}")
+    return value
+
+
+def string_field(body: dict, name: str) -> str:
+    value = body.get(name)
+    if not isinstance(value, str) or not value:
+        raise UsageError(f"'{name}' must be a non-empty string")
+    return value
+
+
+def create_app(store, token: str | None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> Starlette:
+    """The ASGI app over an open store."""
+    from . import handlers
+
+    state = ServiceState(store, token, max_body_bytes)
+    routes = [
+        Route("/healthz", endpoint(state, "/healthz", _healthz, auth=False), methods=["GET"]),
+        Route("/openapi.json", endpoint(state, "/openapi.json", _openapi), methods=["GET"]),
+        Route("/metrics", endpoint(state, "/metrics", _metrics), methods=["GET"]),
+        Route("/v1/index", endpoint(state, "/v1/index", _index), methods=["GET"]),
+        Route("/v1/hosts", endpoint(state, "/v1/hosts", _hosts), methods=["GET"]),
+        Route("/v1/hosts/{host}/images", endpoint(state, "/v1/hosts/{host}/images", _host_images), methods=["GET"]),
+        Route("/v1/rank", endpoint(state, "/v1/rank", handlers.rank, body=True), methods=["POST"]),
+        Route("/v1/manifest", endpoint(state, "/v1/manifest", handlers.manifest, body=True), methods=["POST"]),
+    ]
+
+    async def not_found(request: Request, exc) -> JSONResponse:
+        status = getattr(exc, "status_code", 404)
+        if status == 405:
+            return error_response(405, "method_not_allowed", f"{request.method} is not allowed on {request.url.path}")
+        return error_response(404, "not_found", f"no endpoint at {request.url.path}")
+
+    app = Starlette(routes=routes, exception_handlers={404: not_found, 405: not_found})
+    app.state.service = state
+    return app

@@ -1,0 +1,48 @@
+"""HTTP status codes for library errors, and the JSON error body ``{"error", "detail"}``."""
+
+from __future__ import annotations
+
+from starlette.responses import JSONResponse
+
+from sketch.errors import (
+    BlockSizeMismatch,
+    BlocksketchError,
+    FormatError,
+    ImageError,
+    NotFound,
+    StoreError,
+    UsageError,
+    VerificationError,
+)
+
+
+class HTTPError(Exception):
+    """An error raised by the HTTP layer itself (auth, body, routing)."""
+
+    def __init__(self, status: int, error: str, detail: str):
+        super().__init__(detail)
+        self.status = status
+        self.error = error
+        self.detail = detail
+
+
+_STATUS = [
+    (NotFound, 404, "not_found"),
+    (BlockSizeMismatch, 409, "block_size_mismatch"),
+    (UsageError, 400, "bad_request"),
+    (FormatError, 400, "bad_request"),
+    (ImageError, 422, "image_unavailable"),
+    (VerificationError, 409, "verification_failed"),
+    (StoreError, 503, "store_unavailable"),
+]
+
+
+def error_response(status: int, error: str, detail: str) -> JSONResponse:
+    return JSONResponse({"error": error, "detail": detail}, status_code=status)
+
+
+def library_error_response(exc: BlocksketchError) -> JSONResponse:
+    for kind, status, name in _STATUS:
+        if isinstance(exc, kind):
+            return error_response(status, name, str(exc))
+    return error_response(400, "bad_request", str(exc))
