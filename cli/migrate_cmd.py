@@ -25,6 +25,37 @@ from .common import (
 from .manifest_cmd import manifest_from_store, summary_rows
 
 
+def migrate_with_store(store, image: str, host: str, output: str, block_size: int | None = None,
+                       force: bool = False, output_format: str = "raw", progress: bool = False) -> tuple[dict, object]:
+    """Manifest, pack and apply ``image`` for ``host`` into ``output``: the report and the manifest.
+
+    An extra bundle is packed and applied when a local image changed since it was indexed.
+    """
+    directory = os.path.dirname(os.path.abspath(output))
+    with tempfile.TemporaryDirectory(dir=directory, prefix=".blocksketch-migrate-") as scratch:
+        manifest = manifest_from_store(store, image, host, block_size, progress)
+        manifest_bytes = manifest.save(os.path.join(scratch, "manifest"))
+        bundle = os.path.join(scratch, "bundle")
+        bundle_bytes = pack_bundle(image, manifest, bundle).bytes_written
+        extra_bytes = 0
+        missing_file = os.path.join(scratch, "missing.json")
+        try:
+            result = apply_with_store(store, manifest, [bundle], output, host, force, output_format, missing_file,
+                                      progress)
+        except MissingBlocks as missing:
+            extra = os.path.join(scratch, "extra")
+            extra_bytes = pack_bundle(image, manifest, extra, (missing.start, missing.count)).bytes_written
+            result = apply_with_store(store, manifest, [bundle, extra], output, host, force, output_format,
+                                      missing_file, progress)
+    wan = manifest_bytes + bundle_bytes + extra_bytes
+    summary = manifest.summary()
+    report = {"image": image, "host": host, "output": result.output, "size_bytes": manifest.size_bytes,
+              "block_size": manifest.block_size, "blocks": summary["blocks"], "bytes": summary["bytes"],
+              "runs": summary["runs"], "manifest_bytes": manifest_bytes, "bundle_bytes": bundle_bytes,
+              "extra_bundle_bytes": extra_bytes, "wan_bytes": wan, "wan_ratio": wan / manifest.size_bytes}
+    return report, manifest
+
+
 @click.command("migrate")
 @click.argument("image", type=click.Path(dir_okay=False))
 @click.option("--to", "host", required=True, help="Destination host, as named in the index.")
@@ -48,34 +79,19 @@ def command(image: str, host: str, output: str, force: bool, output_format: str,
       blocksketch migrate vm.img --to node-7 -o /var/lib/images/vm.img
       blocksketch migrate vm.img --to node-7 -o vm.copy --json
     """
-    progress = show_progress(as_json)
-    directory = os.path.dirname(os.path.abspath(output))
-    with open_store(redis_url) as store, \
-            tempfile.TemporaryDirectory(dir=directory, prefix=".blocksketch-migrate-") as scratch:
-        manifest = manifest_from_store(store, image, host, block_size, progress)
-        manifest_bytes = manifest.save(os.path.join(scratch, "manifest"))
-        bundle = os.path.join(scratch, "bundle")
-        bundle_bytes = pack_bundle(image, manifest, bundle).bytes_written
-        bundles = [bundle]
-        extra_bytes = 0
-        try:
-            result = apply_with_store(store, manifest, bundles, output, host, force, output_format,
-                                      os.path.join(scratch, "missing.json"), progress)
-        except MissingBlocks as missing:
-            extra = os.path.join(scratch, "extra")
-            extra_bytes = pack_bundle(image, manifest, extra, (missing.start, missing.count)).bytes_written
-            result = apply_with_store(store, manifest, [bundle, extra], output, host, force, output_format,
-                                      os.path.join(scratch, "missing.json"), progress)
-    wan = manifest_bytes + bundle_bytes + extra_bytes
-    summary = manifest.summary()
-    report = {"image": image, "host": host, "output": result.output, "size_bytes": manifest.size_bytes,
-              "block_size": manifest.block_size, "blocks": summary["blocks"], "bytes": summary["bytes"],
-              "runs": summary["runs"], "manifest_bytes": manifest_bytes, "bundle_bytes": bundle_bytes,
-              "extra_bundle_bytes": extra_bytes, "wan_bytes": wan, "wan_ratio": wan / manifest.size_bytes}
+    with open_store(redis_url) as store:
+        report, manifest = migrate_with_store(store, image, host, output, block_size, force, output_format,
+                                              show_progress(as_json))
     if as_json:
         emit_json(report)
         return
-    print_table(["kind", "blocks", "bytes", "runs"], summary_rows(summary))
-    click.echo(f"{result.output}: rebuilt and verified; WAN bytes {human_bytes(wan)} (manifest "
-               f"{human_bytes(manifest_bytes)} + bundle {human_bytes(bundle_bytes + extra_bytes)}) = "
-               f"{percent(report['wan_ratio'])} of {human_bytes(manifest.size_bytes)}")
+    print_table(["kind", "blocks", "bytes", "runs"], summary_rows(manifest.summary()))
+    click.echo(wan_line(report))
+
+
+def wan_line(report: dict) -> str:
+    """One line: what was rebuilt and what crossed the WAN."""
+    bundles = report["bundle_bytes"] + report["extra_bundle_bytes"]
+    return (f"{report['output']}: rebuilt and verified; WAN bytes {human_bytes(report['wan_bytes'])} (manifest "
+            f"{human_bytes(report['manifest_bytes'])} + bundle {human_bytes(bundles)}) = "
+            f"{percent(report['wan_ratio'])} of {human_bytes(report['size_bytes'])}")
