@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from sketch.apply import OUTPUT_FORMATS, MissingBlocks, apply_manifest, resolve_local_images
+from sketch.apply import OUTPUT_FORMATS, MissingBlocks, apply_manifest, resolve_local_sources
 from sketch.manifest import Manifest
 from store import open_store
 
@@ -16,11 +16,12 @@ def apply_with_store(store, manifest: Manifest, bundles: list[str], output: str,
     """Resolve the manifest's local images through ``host``'s own index entries, then apply."""
     host = host or manifest.host
     store.check_block_size(manifest.block_size)
-    local_paths = resolve_local_images(manifest, host, store.image)
+    local = resolve_local_sources(manifest, host, store.image)
     counts = manifest.byte_counts()
     with Progress(progress, manifest.size_bytes - counts["zero"], "apply") as bar:
-        return apply_manifest(manifest, bundles, output, local_paths, force=force, output_format=output_format,
-                              ranges_file=ranges_out, progress=bar)
+        return apply_manifest(manifest, bundles, output, [path for path, _ in local], force=force,
+                              output_format=output_format, ranges_file=ranges_out, progress=bar,
+                              local_formats=[image_format for _, image_format in local])
 
 
 @click.command("apply")
@@ -42,7 +43,8 @@ def command(manifest_path: str, bundles: tuple[str, ...], output: str, host: str
     """Rebuild the image of MANIFEST as OUTPUT from BUNDLE(s) and this host's indexed images.
 
     Local blocks are read only from images this host's index lists with the identity the manifest
-    recorded, and each run is checked with SHA-256 before it is written. If some do not match (an
+    recorded (raw or qcow2, read as they were indexed), and each run is checked with SHA-256
+    before it is written. If some do not match (an
     image changed since it was indexed), nothing is written and the blocks still needed are saved
     to a ranges file: `blocksketch pack IMAGE MANIFEST --ranges FILE -o EXTRA` on the source, then
     apply again with EXTRA added. OUTPUT appears only once its whole-image checksum matches.

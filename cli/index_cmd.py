@@ -10,7 +10,16 @@ from sketch.blocks import DEFAULT_BLOCK_SIZE
 from sketch.errors import ImageError
 from store import open_store, refresh_host
 
-from .common import Progress, block_size_option, emit_json, human_bytes, json_option, redis_option, show_progress
+from .common import (
+    Progress,
+    block_size_option,
+    emit_json,
+    format_option,
+    human_bytes,
+    json_option,
+    redis_option,
+    show_progress,
+)
 
 
 @click.command("index")
@@ -23,17 +32,20 @@ from .common import Progress, block_size_option, emit_json, human_bytes, json_op
                    "an existing index keeps its own.")
 @click.option("--lock-timeout", type=click.FloatRange(0), default=600.0, show_default=True,
               help="Seconds to wait while another refresh of the same host runs.")
+@format_option
 @redis_option
 @json_option
 def command(paths: tuple[str, ...], host: str, block_size: int | None, fp_rate: float | None,
-            lock_timeout: float, redis_url: str | None, as_json: bool) -> None:
+            lock_timeout: float, image_format: str | None, redis_url: str | None, as_json: bool) -> None:
     """Index the images in PATHS (files or directories) as HOST's, incrementally.
 
     Run it periodically on every node (see docs/refresh-job.md). Unchanged images (same size,
     mtime and inode) are not read again, changed ones are re-indexed, and images gone from under
     PATHS leave the index. Readers see the previous index until the new one is published whole.
-    The block size defaults to the index's (512 for a new index). Exit status: 0 done, 1 failure
-    (nothing half-published; rerun), 2 usage error.
+    The block size defaults to the index's (512 for a new index). Images may be raw or qcow2,
+    each detected by its magic; --format reads every image of PATHS as that format (the format
+    read is recorded; an unchanged image read differently before is read again). Exit status:
+    0 done, 1 failure (nothing half-published; rerun), 2 usage error.
 
     \b
     Example:
@@ -55,7 +67,7 @@ def command(paths: tuple[str, ...], host: str, block_size: int | None, fp_rate: 
 
         try:
             report = refresh_host(store, host, list(paths), block_size, progress, on_plan=on_plan, fp_rate=fp_rate,
-                                  lock_wait_s=lock_timeout)
+                                  lock_wait_s=lock_timeout, image_format=image_format)
         finally:
             for bar in bars:
                 bar.close()

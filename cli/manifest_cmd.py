@@ -17,6 +17,7 @@ from .common import (
     Progress,
     block_size_option,
     emit_json,
+    format_option,
     human_bytes,
     json_option,
     print_table,
@@ -28,16 +29,18 @@ from .common import (
 )
 
 
-def manifest_from_store(store, image: str, host: str, block_size: int | None, progress: bool) -> Manifest:
-    """Build the manifest of ``image`` against every image ``host`` has in the index."""
+def manifest_from_store(store, image: str, host: str, block_size: int | None, progress: bool,
+                        image_format: str | None = None) -> Manifest:
+    """Build the manifest of ``image`` (read as ``image_format``, None: detected) against every
+    image ``host`` has in the index."""
     block_size = store.check_block_size(block_size)
     targets = [(LocalImage.from_info(info), block_map) for info, block_map in store.host_block_maps(host)]
-    total = data_bytes(image, block_size)
+    total = data_bytes(image, block_size, image_format)
     name = os.path.basename(image)
     with Progress(progress, total, f"digest {name}") as digest_bar, \
             Progress(progress, total, f"verify {name}") as seal_bar:
         return build_manifest(os.path.abspath(image), host, targets, block_size,
-                              digest_progress=digest_bar, seal_progress=seal_bar)
+                              digest_progress=digest_bar, seal_progress=seal_bar, image_format=image_format)
 
 
 def manifest_from_service(server_url: str, token_file: str | None, image: str, host: str,
@@ -68,19 +71,21 @@ def summary_rows(summary: dict) -> list[list]:
 @click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
               help="Manifest file to write [default: IMAGE's name + .HOST.manifest, here].")
 @block_size_option(default=None)
+@format_option
 @redis_option
 @server_option
 @token_file_option
 @json_option
-def command(image: str, host: str, output: str | None, block_size: int | None, redis_url: str | None,
-            server_url: str | None, token_file: str | None, as_json: bool) -> None:
+def command(image: str, host: str, output: str | None, block_size: int | None, image_format: str | None,
+            redis_url: str | None, server_url: str | None, token_file: str | None, as_json: bool) -> None:
     """Write the transfer manifest of IMAGE for host HOST (--to).
 
     Every block of IMAGE is classified exactly against all images the index lists for HOST: zero
     (a hole), local (HOST already has the content: copied there from its own image, verified by
     SHA-256), send (first occurrence of a content HOST lacks: goes in the bundle) or dup (a later
-    copy of a sent block). The block size defaults to the index's. Then run `blocksketch pack`
-    here and `blocksketch apply` on HOST.
+    copy of a sent block). The block size defaults to the index's. IMAGE may be raw or qcow2
+    (detected; --format overrides, and pack needs the same). Then run `blocksketch pack` here and
+    `blocksketch apply` on HOST.
 
     \b
     Example:
@@ -90,10 +95,12 @@ def command(image: str, host: str, output: str | None, block_size: int | None, r
     """
     output = output or f"{os.path.basename(image)}.{host}.manifest"
     if server_url:
+        if image_format is not None:
+            raise UsageError("--format is for a local IMAGE; with --server the service reads the indexed image")
         manifest = manifest_from_service(server_url, token_file, image, host, block_size)
     else:
         with open_store(redis_url) as store:
-            manifest = manifest_from_store(store, image, host, block_size, show_progress(as_json))
+            manifest = manifest_from_store(store, image, host, block_size, show_progress(as_json), image_format)
     size = manifest.save(output)
     summary = {"manifest": output, "manifest_bytes": size, **manifest.summary()}
     if as_json:

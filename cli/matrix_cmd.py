@@ -8,7 +8,8 @@ import socket
 import click
 
 from sketch.blockmap import BlockMap
-from sketch.errors import NotFound, UsageError
+from sketch.blocks import detect_format
+from sketch.errors import ImageError, NotFound, UsageError
 from sketch.heatmap import check_writable
 from sketch.matrix import CELL_VALUES, DEFAULT_CELL_VALUE, ShareMatrix, bytes_to_digest, expand_paths, load_images
 
@@ -16,6 +17,7 @@ from .common import (
     Progress,
     block_size_option,
     emit_json,
+    format_option,
     human_bytes,
     json_option,
     percent,
@@ -26,11 +28,13 @@ from .common import (
 
 
 class IndexLookup:
-    """Block maps of images the index holds unchanged (same real path, size, mtime, inode) for ``host``."""
+    """Block maps of images the index holds unchanged (same real path, size, mtime, inode, and read
+    as the same format) for ``host``."""
 
-    def __init__(self, store, host: str, block_size: int):
+    def __init__(self, store, host: str, block_size: int, image_format: str | None = None):
         self.store = store
         self.host = host
+        self.image_format = image_format
         self.entries: dict = {}
         config = store.config()
         if config is None or config.block_size != block_size:
@@ -48,19 +52,27 @@ class IndexLookup:
         found = os.stat(real)
         if (info.size_bytes, info.mtime_ns, info.inode) != (found.st_size, found.st_mtime_ns, found.st_ino):
             return None
+        if self.image_format is not None or info.image_format is not None:
+            try:  # an entry without a recorded format was read as detected
+                if (self.image_format or detect_format(real)) != (info.image_format or detect_format(real)):
+                    return None
+            except ImageError:
+                return None  # digesting it reports why it cannot be read
         return self.store.block_map(self.host, real)
 
 
-def _load(paths: list[str], block_size: int, progress_enabled: bool, lookup) -> ShareMatrix:
-    total = 0 if lookup is not None or not progress_enabled else bytes_to_digest(paths, block_size)
+def _load(paths: list[str], block_size: int, progress_enabled: bool, lookup,
+          image_format: str | None = None) -> ShareMatrix:
+    total = 0 if lookup is not None or not progress_enabled else bytes_to_digest(paths, block_size, image_format)
     with Progress(progress_enabled, total, "matrix") as progress:
-        images, passes = load_images(paths, block_size, progress, lookup)
+        images, passes = load_images(paths, block_size, progress, lookup, image_format)
     return ShareMatrix.from_images(images, passes)
 
 
 @click.command("matrix")
 @click.argument("paths", nargs=-1, required=True, type=click.Path())
 @block_size_option()
+@format_option
 @click.option("--html", "html_path", type=click.Path(dir_okay=False), default=None,
               help="Also write the heat map as a self-contained HTML page.")
 @click.option("--png", "png_path", type=click.Path(dir_okay=False), default=None,
@@ -75,14 +87,16 @@ def _load(paths: list[str], block_size: int, progress_enabled: bool, lookup) -> 
               help="With --use-index: the host the images were indexed under.")
 @redis_option
 @json_option
-def command(paths: tuple[str, ...], block_size: int, html_path: str | None, png_path: str | None, color_by: str,
-            use_index: bool, host: str, redis_url: str | None, as_json: bool) -> None:
+def command(paths: tuple[str, ...], block_size: int, image_format: str | None, html_path: str | None,
+            png_path: str | None, color_by: str, use_index: bool, host: str, redis_url: str | None,
+            as_json: bool) -> None:
     """Every image in PATHS (files or directories of images) against every other, exactly.
 
     For each ordered pair (source, target) it prints the paper's "distinct % (duplicates-counted %)"
     of source blocks whose content the target holds, the share of all-zero blocks (which every host
     has and which dominate real images), the same share over distinct non-zero blocks, and the bytes
-    that would cross the WAN (each missing distinct non-zero block once). Each image is read once.
+    that would cross the WAN (each missing distinct non-zero block once). Each image is read once,
+    as raw or qcow2 by its magic (--format reads every image as that format).
     --json prints one document: images, digest_passes, and one object per ordered pair with the keys
     of `blocksketch compare --json` plus send_bytes and the non-zero shares.
 
@@ -102,9 +116,10 @@ def command(paths: tuple[str, ...], block_size: int, html_path: str | None, png_
         from store import open_store
 
         with open_store(redis_url) as store:
-            matrix = _load(found, block_size, progress, IndexLookup(store, host, block_size))
+            matrix = _load(found, block_size, progress, IndexLookup(store, host, block_size, image_format),
+                           image_format)
     else:
-        matrix = _load(found, block_size, progress, None)
+        matrix = _load(found, block_size, progress, None, image_format)
     if png_path:
         from sketch.heatmap import render_png
 

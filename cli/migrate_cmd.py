@@ -15,6 +15,7 @@ from .apply_cmd import apply_with_store
 from .common import (
     block_size_option,
     emit_json,
+    format_option,
     human_bytes,
     json_option,
     percent,
@@ -26,17 +27,19 @@ from .manifest_cmd import manifest_from_store, summary_rows
 
 
 def migrate_with_store(store, image: str, host: str, output: str, block_size: int | None = None,
-                       force: bool = False, output_format: str = "raw", progress: bool = False) -> tuple[dict, object]:
+                       force: bool = False, output_format: str = "raw", progress: bool = False,
+                       image_format: str | None = None) -> tuple[dict, object]:
     """Manifest, pack and apply ``image`` for ``host`` into ``output``: the report and the manifest.
 
-    An extra bundle is packed and applied when a local image changed since it was indexed.
+    ``image_format`` is how to read ``image`` (None: detected by magic). An extra bundle is packed
+    and applied when a local image changed since it was indexed.
     """
     directory = os.path.dirname(os.path.abspath(output))
     with tempfile.TemporaryDirectory(dir=directory, prefix=".blocksketch-migrate-") as scratch:
-        manifest = manifest_from_store(store, image, host, block_size, progress)
+        manifest = manifest_from_store(store, image, host, block_size, progress, image_format)
         manifest_bytes = manifest.save(os.path.join(scratch, "manifest"))
         bundle = os.path.join(scratch, "bundle")
-        bundle_bytes = pack_bundle(image, manifest, bundle).bytes_written
+        bundle_bytes = pack_bundle(image, manifest, bundle, image_format=image_format).bytes_written
         extra_bytes = 0
         missing_file = os.path.join(scratch, "missing.json")
         try:
@@ -44,7 +47,8 @@ def migrate_with_store(store, image: str, host: str, output: str, block_size: in
                                       progress)
         except MissingBlocks as missing:
             extra = os.path.join(scratch, "extra")
-            extra_bytes = pack_bundle(image, manifest, extra, (missing.start, missing.count)).bytes_written
+            extra_bytes = pack_bundle(image, manifest, extra, (missing.start, missing.count),
+                                      image_format=image_format).bytes_written
             result = apply_with_store(store, manifest, [bundle, extra], output, host, force, output_format,
                                       missing_file, progress)
     wan = manifest_bytes + bundle_bytes + extra_bytes
@@ -64,24 +68,27 @@ def migrate_with_store(store, image: str, host: str, output: str, block_size: in
 @click.option("--output-format", type=click.Choice(OUTPUT_FORMATS), default="raw", show_default=True,
               help="Write a sparse raw image, or convert it to qcow2 once verified.")
 @block_size_option(default=None)
+@format_option
 @redis_option
 @json_option
 def command(image: str, host: str, output: str, force: bool, output_format: str, block_size: int | None,
-            redis_url: str | None, as_json: bool) -> None:
+            image_format: str | None, redis_url: str | None, as_json: bool) -> None:
     """Move IMAGE to OUTPUT as host HOST (--to) would receive it: manifest, pack, apply.
 
     For when source and destination share a machine (a test, or a host reachable by file
     system): reports the bytes that would cross the WAN (manifest + bundle, plus any extra bundle
-    needed because a local image changed since it was indexed) against the image's size.
+    needed because a local image changed since it was indexed) against the image's size. IMAGE
+    and the destination's images may be raw or qcow2 (--format overrides IMAGE's detected format).
 
     \b
     Example:
       blocksketch migrate vm.img --to node-7 -o /var/lib/images/vm.img
       blocksketch migrate vm.img --to node-7 -o vm.copy --json
+      blocksketch migrate vm.qcow2 --to node-7 -o vm.qcow2 --output-format qcow2
     """
     with open_store(redis_url) as store:
         report, manifest = migrate_with_store(store, image, host, output, block_size, force, output_format,
-                                              show_progress(as_json))
+                                              show_progress(as_json), image_format)
     if as_json:
         emit_json(report)
         return

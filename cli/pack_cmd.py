@@ -11,7 +11,7 @@ from sketch.digests import data_bytes
 from sketch.manifest import Manifest
 from sketch.ranges import read_ranges_file
 
-from .common import Progress, emit_json, human_bytes, json_option, show_progress
+from .common import Progress, emit_json, format_option, human_bytes, json_option, show_progress
 
 
 @click.command("pack")
@@ -22,11 +22,14 @@ from .common import Progress, emit_json, human_bytes, json_option, show_progress
               help="Pack only these block ranges: the ranges file a failed `blocksketch apply` wrote.")
 @click.option("--level", type=click.IntRange(1, 22), default=DEFAULT_LEVEL, show_default=True,
               help="zstd compression level.")
+@format_option
 @json_option
-def command(image: str, manifest_path: str, output: str, ranges_path: str | None, level: int, as_json: bool) -> None:
+def command(image: str, manifest_path: str, output: str, ranges_path: str | None, level: int,
+            image_format: str | None, as_json: bool) -> None:
     """Pack the blocks of IMAGE that MANIFEST says must be sent (each content once) into a bundle.
 
-    IMAGE must still be the image MANIFEST was built from: its whole-image checksum is checked
+    IMAGE must still be the image MANIFEST was built from, read the same way (raw or qcow2,
+    detected; pass the --format given to manifest, if any): its whole-image checksum is checked
     while packing, and on a mismatch no bundle is written. With --ranges, the bundle holds just
     the blocks a failed apply asked for; give it to apply as an extra bundle.
 
@@ -40,9 +43,9 @@ def command(image: str, manifest_path: str, output: str, ranges_path: str | None
     if ranges_path is not None:
         ranges = read_ranges_file(ranges_path, manifest.manifest_id, manifest.total_blocks)
     enabled = show_progress(as_json)
-    total = data_bytes(image, manifest.block_size) if enabled else 0
+    total = data_bytes(image, manifest.block_size, image_format) if enabled else 0
     with Progress(enabled, total, f"pack {os.path.basename(image)}") as progress:
-        info = pack_bundle(image, manifest, output, ranges, level=level, progress=progress)
+        info = pack_bundle(image, manifest, output, ranges, level=level, progress=progress, image_format=image_format)
     result = {"bundle": output, "contents": info.contents, "blocks": info.blocks, "raw_bytes": info.raw_bytes,
               "bundle_bytes": info.bytes_written}
     if as_json:

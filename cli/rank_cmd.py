@@ -7,7 +7,7 @@ import os
 import click
 
 from sketch.digests import data_bytes, digest_image
-from sketch.errors import ImageError
+from sketch.errors import ImageError, UsageError
 from sketch.rank import DEFAULT_EXACT_TOP, DEFAULT_TOP, RankQuery
 from store import open_store
 from store.ranking import parse_indexed, rank_image
@@ -16,6 +16,7 @@ from .common import (
     Progress,
     block_size_option,
     emit_json,
+    format_option,
     human_bytes,
     json_option,
     percent,
@@ -69,16 +70,19 @@ def print_ranking(result: dict) -> None:
 @click.option("--exclude-host", "exclude_hosts", multiple=True, metavar="HOST",
               help="Leave this host out (repeatable), e.g. the image's current host.")
 @block_size_option(default=None)
+@format_option
 @redis_option
 @server_option
 @token_file_option
 @json_option
 def command(image: str, top: int, exact_top: int, exclude_hosts: tuple[str, ...], block_size: int | None,
-            redis_url: str | None, server_url: str | None, token_file: str | None, as_json: bool) -> None:
+            image_format: str | None, redis_url: str | None, server_url: str | None, token_file: str | None,
+            as_json: bool) -> None:
     """Rank every indexed host by how much of IMAGE it already holds.
 
-    IMAGE is a local image file (digested here; it need not be indexed) or HOST:PATH naming an
-    indexed image (its stored block map is used and its own host is left out). Every host gets a
+    IMAGE is a local image file, raw or qcow2 (digested here; it need not be indexed; --format
+    overrides the detected format) or HOST:PATH naming an indexed image (its stored block map
+    is used and its own host is left out). Every host gets a
     fast estimate from its ranking sketch, with a 95% error bound in points; the best --exact-top
     hosts are then checked exactly against their images' block maps (the numbers `compare`
     prints against the union of the host's images), and the highest exact share wins.
@@ -89,32 +93,38 @@ def command(image: str, top: int, exact_top: int, exclude_hosts: tuple[str, ...]
       blocksketch rank ams-1:/srv/images/web.img --top 5 --exact-top 3 --json
       blocksketch rank vm.img --server http://ranker:8470 --token-file ~/.blocksketch-token
     """
+    if image_format is not None and not os.path.exists(image):
+        raise UsageError(f"--format is for a local image file; {image} is not one (an indexed HOST:PATH is "
+                         "ranked from its stored block map)")
     if server_url:
         result = rank_with_service(server_url, token_file, image, top, exact_top, exclude_hosts, block_size,
-                                   show_progress(as_json))
+                                   show_progress(as_json), image_format)
     else:
-        result = rank_with_store(redis_url, image, top, exact_top, exclude_hosts, block_size, show_progress(as_json))
+        result = rank_with_store(redis_url, image, top, exact_top, exclude_hosts, block_size, show_progress(as_json),
+                                 image_format)
     if as_json:
         emit_json(result)
     else:
         print_ranking(result)
 
 
-def local_query(image: str, block_size: int, progress: bool) -> RankQuery:
-    """Digest a local image into a ranking query."""
-    with Progress(progress, data_bytes(image, block_size) if progress else 0, os.path.basename(image)) as bar:
-        return RankQuery.from_digests(digest_image(image, block_size, progress=bar), image)
+def local_query(image: str, block_size: int, progress: bool, image_format: str | None = None) -> RankQuery:
+    """Digest a local image (read as ``image_format``, None: detected) into a ranking query."""
+    total = data_bytes(image, block_size, image_format) if progress else 0
+    with Progress(progress, total, os.path.basename(image)) as bar:
+        return RankQuery.from_digests(digest_image(image, block_size, image_format=image_format, progress=bar), image)
 
 
 def rank_with_service(server_url: str, token_file: str | None, image: str, top: int, exact_top: int,
-                      exclude_hosts: tuple[str, ...], block_size: int | None, progress: bool) -> dict:
+                      exclude_hosts: tuple[str, ...], block_size: int | None, progress: bool,
+                      image_format: str | None = None) -> dict:
     """Ask the service: an indexed image by name, a local one as its digests and counts."""
     from server.handlers import rank_query_to_body
 
     options = {"top": top, "exact_top": exact_top, "exclude_hosts": list(exclude_hosts)}
     with service_client(server_url, token_file) as client:
         if os.path.exists(image):
-            query = local_query(image, client.check_block_size(block_size), progress)
+            query = local_query(image, client.check_block_size(block_size), progress, image_format)
             query.require_data()
             return client.rank({**rank_query_to_body(query), **options})
         if parse_indexed(image) is None:
@@ -125,10 +135,10 @@ def rank_with_service(server_url: str, token_file: str | None, image: str, top: 
 
 
 def rank_with_store(redis_url: str | None, image: str, top: int, exact_top: int, exclude_hosts: tuple[str, ...],
-                    block_size: int | None, progress: bool) -> dict:
+                    block_size: int | None, progress: bool, image_format: str | None = None) -> dict:
     with open_store(redis_url) as store:
         if os.path.exists(image):
-            query = local_query(image, store.check_block_size(block_size), progress)
+            query = local_query(image, store.check_block_size(block_size), progress, image_format)
             return rank_image(store, query, top=top, exact_top=exact_top, exclude_hosts=exclude_hosts,
                               block_size=block_size)
         if parse_indexed(image) is not None:

@@ -3,7 +3,7 @@
 It knows nothing of Redis, HTTP or the command line; ``store``, ``server`` and ``cli`` call into it.
 """
 
-from .apply import MissingBlocks, apply_manifest, resolve_local_images
+from .apply import MissingBlocks, apply_manifest, resolve_local_images, resolve_local_sources
 from .blockmap import BlockMap, contains, digest_keys, key_digests
 from .blocks import DEFAULT_BLOCK_SIZE, check_block_size, list_images, open_image
 from .bloom import BloomFilter
@@ -52,6 +52,7 @@ __all__ = [
     "open_image",
     "pack_bundle",
     "resolve_local_images",
+    "resolve_local_sources",
     "share_metrics",
     "shared_mask",
 ]

@@ -5,7 +5,8 @@ Order of work, all into a temporary file next to the output (``.NAME.blocksketch
 1. every bundle's blocks are written where they belong (bundle blocks take precedence over
    LOCAL copies: that is how a re-sent range repairs a stale local image);
 2. every LOCAL run is read from the local image *the destination's index lists* (resolved by
-   :func:`resolve_local_images`, never by a path taken from the manifest alone), its
+   :func:`resolve_local_sources`, never by a path taken from the manifest alone; read as the
+   format the index recorded, raw or qcow2), its
    verification group checked against the group's SHA-256 from the manifest, and only then
    written; groups that fail are collected, and
    if there are any, apply stops, removes the temp file and writes a ranges file naming the blocks
@@ -73,6 +74,14 @@ def resolve_local_images(manifest: Manifest, host: str, lookup: Callable[[str, s
     ``lookup(host, path)`` is ``store.image``: it returns the index entry or raises NotFound.
     Every image must be indexed on ``host`` with the identity the manifest recorded.
     """
+    return [path for path, _ in resolve_local_sources(manifest, host, lookup)]
+
+
+def resolve_local_sources(manifest: Manifest, host: str,
+                          lookup: Callable[[str, str], object]) -> list[tuple[str, str | None]]:
+    """``(path, format)`` of the manifest's local images from ``host``'s own index entries, as
+    :func:`resolve_local_images`; the format is the one the image was indexed as (None: not
+    recorded, detect by magic), so a block offset means the same bytes it meant to the index."""
     if host != manifest.host:
         raise UsageError(f"the manifest was built for host {manifest.host!r}, not {host!r}")
     paths = []
@@ -87,7 +96,7 @@ def resolve_local_images(manifest: Manifest, host: str, lookup: Callable[[str, s
         if not image.matches(info):
             raise VerificationError(f"image {image.path} on {host} was re-indexed or replaced since the manifest "
                                     "was built; nothing written (rebuild the manifest)")
-        paths.append(str(info.path))
+        paths.append((str(info.path), getattr(info, "image_format", None)))
     return paths
 
 
@@ -131,15 +140,20 @@ def default_ranges_file(output: str) -> str:
 
 def apply_manifest(manifest: Manifest, bundles: list[str], output: str, local_paths: list[str],
                    force: bool = False, output_format: str = "raw", ranges_file: str | None = None,
-                   progress: Progress | None = None) -> ApplyResult:
+                   progress: Progress | None = None,
+                   local_formats: list[str | None] | None = None) -> ApplyResult:
     """Rebuild the manifest's image at ``output``; see the module docstring for the guarantees.
 
-    ``local_paths`` come from :func:`resolve_local_images` (one per ``manifest.images``).
+    ``local_paths`` come from :func:`resolve_local_images` (one per ``manifest.images``);
+    ``local_formats``, one per path, from :func:`resolve_local_sources` (None: detect by magic).
     """
     if output_format not in OUTPUT_FORMATS:
         raise UsageError(f"unknown output format {output_format!r}; use one of {', '.join(OUTPUT_FORMATS)}")
     if len(local_paths) != len(manifest.images):
         raise UsageError("one local path per manifest image is needed")
+    local_formats = list(local_formats) if local_formats is not None else [None] * len(local_paths)
+    if len(local_formats) != len(local_paths):
+        raise UsageError("one format (or None) per local path is needed")
     if not bundles:
         raise UsageError("at least one bundle is needed")
     if bundles.count("-") > 1:
@@ -171,7 +185,7 @@ def apply_manifest(manifest: Manifest, bundles: list[str], output: str, local_pa
                 handle.close()
             handles.clear()
             result.blocks["local"], result.local_bytes_read, missing = _write_local(
-                fd, manifest, local_paths, covered, progress)
+                fd, manifest, local_paths, local_formats, covered, progress)
             if len(missing[0]):
                 write_ranges_file(ranges_file, manifest.manifest_id, manifest.block_size, *missing)
                 raise MissingBlocks(*missing, ranges_file, manifest.block_size)
@@ -235,8 +249,8 @@ def _write_bundles(fd: int, manifest: Manifest, readers, progress: Progress | No
     return written
 
 
-def _write_local(fd: int, manifest: Manifest, local_paths: list[str], covered: np.ndarray,
-                 progress: Progress | None) -> tuple[int, int, tuple[np.ndarray, np.ndarray]]:
+def _write_local(fd: int, manifest: Manifest, local_paths: list[str], local_formats: list[str | None],
+                 covered: np.ndarray, progress: Progress | None) -> tuple[int, int, tuple[np.ndarray, np.ndarray]]:
     """Verify and write every LOCAL verification group; return (blocks written, bytes read, failed ranges)."""
     block_size = manifest.block_size
     start, length = (a.astype(np.int64) for a in manifest.runs_of(LOCAL))
@@ -260,7 +274,7 @@ def _write_local(fd: int, manifest: Manifest, local_paths: list[str], covered: n
                 image = int(manifest.local_image[run])
                 source = sources.get(image)
                 if source is None:
-                    source = sources[image] = _open_local(local_paths[image])
+                    source = sources[image] = _open_local(local_paths[image], local_formats[image])
                 view = memoryview(bytearray(count * block_size))
                 source.read_into(int(manifest.local_block[run]) * block_size, view)
                 read += len(view)
@@ -289,9 +303,9 @@ def _write_local(fd: int, manifest: Manifest, local_paths: list[str], covered: n
     return written, read, (np.zeros(0, np.int64), np.zeros(0, np.int64))
 
 
-def _open_local(path: str) -> ImageSource:
+def _open_local(path: str, image_format: str | None) -> ImageSource:
     try:
-        return open_image(path)
+        return open_image(path, image_format)
     except ImageError as exc:
         raise ImageError(f"local image of the index cannot be read: {exc}") from None
 

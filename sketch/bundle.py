@@ -81,11 +81,13 @@ def bundle_ranges(manifest: Manifest, ranges: tuple[np.ndarray, np.ndarray] | No
 
 
 def pack_bundle(image_path: str, manifest: Manifest, output: str, ranges: tuple[np.ndarray, np.ndarray] | None = None,
-                level: int = DEFAULT_LEVEL, progress: Progress | None = None) -> BundleInfo:
+                level: int = DEFAULT_LEVEL, progress: Progress | None = None,
+                image_format: str | None = None) -> BundleInfo:
     """Write the bundle of ``image_path`` for ``manifest`` to ``output`` (atomically).
 
-    Checks while packing that the image still has the manifest's whole-image checksum; if not,
-    no bundle is left behind.
+    ``image_format`` ("raw" or "qcow2") is how to read the image, as when the manifest was built;
+    None detects it by magic. Checks while packing that the image still has the manifest's
+    whole-image checksum; if not, no bundle is left behind.
     """
     start, count = bundle_ranges(manifest, ranges)
     total = manifest.total_blocks
@@ -99,17 +101,19 @@ def pack_bundle(image_path: str, manifest: Manifest, output: str, ranges: tuple[
               "frame_bytes": FRAME_BYTES}
     directory = os.path.dirname(os.path.abspath(output))
     temp = os.path.join(directory, f".{os.path.basename(output)}.tmp-{os.getpid()}")
-    source = open_image(image_path)
+    source = open_image(image_path, image_format)
+    # Read as another format than the manifest's, an image has other bytes: say so, not just "changed".
+    retry = f"rebuild the manifest, or pack with the --format it was built with (the image was read as {source.format})"
     try:
         if source.size_bytes != manifest.size_bytes:
             raise VerificationError(f"image {image_path} is {source.size_bytes} bytes but the manifest describes "
-                                    f"{manifest.size_bytes}; rebuild the manifest")
+                                    f"{manifest.size_bytes}; {retry}")
         with open(temp, "wb") as handle:
             writer = _Writer(handle, header, level)
             checksum = _stream_blocks(source, manifest.block_size, start, count, writer, progress)
             if checksum != manifest.checksum:
                 raise VerificationError(f"image {image_path} no longer matches the manifest (its checksum differs); "
-                                        "rebuild the manifest")
+                                        f"{retry}")
             writer.finish()
             handle.flush()
             os.fsync(handle.fileno())

@@ -245,16 +245,19 @@ def _seal(source: ImageSource, zero: np.ndarray, local_start: np.ndarray, local_
 
 def build_manifest(image_path: str, host: str, targets: list[tuple[LocalImage, BlockMap]],
                    block_size: int = DEFAULT_BLOCK_SIZE, algorithm: str = DEFAULT_ALGORITHM,
-                   digest_progress: Progress | None = None, seal_progress: Progress | None = None) -> Manifest:
+                   digest_progress: Progress | None = None, seal_progress: Progress | None = None,
+                   image_format: str | None = None) -> Manifest:
     """The manifest rebuilding ``image_path`` on ``host`` from its images ``targets`` plus a bundle.
 
     ``targets`` are the destination's index entries with their block maps (``store.host_block_maps``).
+    ``image_format`` ("raw" or "qcow2") is how to read ``image_path``; None detects it by magic.
+    The manifest describes the guest-visible bytes, so pack must read the image the same way.
     """
     check_block_size(block_size)
     for info, block_map in targets:
         if block_map.block_size != block_size:
             raise BlockSizeMismatch(f"the index of {info.host} ({info.path})", block_map.block_size, block_size)
-    source = open_image(image_path)
+    source = open_image(image_path, image_format)
     try:
         digests = digest_source(source, block_size, algorithm, progress=digest_progress)
         plan = plan_blocks(digests, [m for _, m in targets])

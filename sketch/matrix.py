@@ -208,9 +208,11 @@ def expand_paths(paths: Sequence[str]) -> list[str]:
 
 
 def load_images(paths: Sequence[str], block_size: int, progress: ProgressCallback | None = None,
-                lookup: BlockMapLookup | None = None) -> tuple[list[MatrixImage], int]:
+                lookup: BlockMapLookup | None = None,
+                image_format: str | None = None) -> tuple[list[MatrixImage], int]:
     """Block maps of ``paths`` (image files): from ``lookup`` where it has one, else one digest pass each.
 
+    ``image_format`` ("raw" or "qcow2") reads every image as that format; None detects each by magic.
     Returns the images and the number of digest passes made.
     """
     names = short_names(paths)
@@ -223,22 +225,23 @@ def load_images(paths: Sequence[str], block_size: int, progress: ProgressCallbac
                 raise BlockSizeMismatch(f"the indexed block map of {path}", block_map.block_size, block_size)
             images.append(MatrixImage(path, name, block_map, from_index=True))
             continue
-        block_map = BlockMap.from_digests(digest_image(path, block_size, progress=progress))
+        block_map = BlockMap.from_digests(digest_image(path, block_size, image_format=image_format,
+                                                       progress=progress))
         passes += 1
         images.append(MatrixImage(path, name, block_map))
     return images, passes
 
 
-def bytes_to_digest(paths: Sequence[str], block_size: int) -> int:
+def bytes_to_digest(paths: Sequence[str], block_size: int, image_format: str | None = None) -> int:
     """Bytes :func:`load_images` will read without a lookup (the images' data extents), for a progress bar."""
-    return sum(data_bytes(path, block_size) for path in paths)
+    return sum(data_bytes(path, block_size, image_format) for path in paths)
 
 
 def build_matrix(paths: Sequence[str], block_size: int, progress: ProgressCallback | None = None,
-                 lookup: BlockMapLookup | None = None) -> ShareMatrix:
+                 lookup: BlockMapLookup | None = None, image_format: str | None = None) -> ShareMatrix:
     """The share matrix of the images under ``paths`` (files or directories): n digest passes at most."""
     found = expand_paths(paths)
     if len(found) < 2:  # before any digesting: a one-image matrix is a usage mistake
         raise UsageError(f"a matrix needs at least two images, got {len(found)} ({', '.join(found)})")
-    images, passes = load_images(found, block_size, progress, lookup)
+    images, passes = load_images(found, block_size, progress, lookup, image_format)
     return ShareMatrix.from_images(images, passes)

@@ -54,6 +54,9 @@ class ImageEntry:
     indexed_at: float
     filter_m_bits: int
     filter_popcount: int
+    # The format it was read as ("raw", "qcow2"); None in entries written before it was recorded,
+    # which were always read as detected by magic.
+    image_format: str | None = None
 
     def unchanged(self, size_bytes: int, mtime_ns: int, inode: int) -> bool:
         return (self.size_bytes, self.mtime_ns, self.inode) == (size_bytes, mtime_ns, inode)
@@ -124,10 +127,17 @@ def encode(catalogue: Catalogue) -> bytes:
         "algorithm": catalogue.algorithm,
         "distinct_blocks": catalogue.distinct_blocks,
         "filter_layout": catalogue.filter_layout,
-        "images": [{name: getattr(image, name) for name in _IMAGE_FIELDS} for image in catalogue.images],
+        "images": [_encode_image(image) for image in catalogue.images],
         "sketches": {name: {"generation": s.generation, "size_bytes": s.size_bytes, "params": s.params}
                      for name, s in catalogue.sketches.items()},
     })
+
+
+def _encode_image(image: ImageEntry) -> dict:
+    fields = {name: getattr(image, name) for name in _IMAGE_FIELDS}
+    if image.image_format is not None:  # optional: readers of entries without it detect by magic
+        fields["format"] = image.image_format
+    return fields
 
 
 def decode(data: bytes | None, host: str) -> Catalogue:
@@ -141,6 +151,8 @@ def decode(data: bytes | None, host: str) -> Catalogue:
             raise FormatError(f"{what} is corrupt (an image entry is not a map)")
         values = {name: codec.field(raw, name, kind, what) for name, kind in _IMAGE_FIELDS.items()}
         values["indexed_at"] = float(values["indexed_at"])
+        if "format" in raw:
+            values["image_format"] = codec.field(raw, "format", str, what)
         image = ImageEntry(**values)
         if min(image.size_bytes, image.total_blocks, image.zero_blocks, image.distinct, image.chunks - 1,
                image.filter_m_bits - 8) < 0 or image.zero_blocks + image.distinct > image.total_blocks:
@@ -194,20 +206,21 @@ class ImageInfo:
     algorithm: str
     distinct_nonzero: int = 0
     generation: int = 0
+    image_format: str | None = None  # as read when indexed; None: not recorded (detect by magic)
 
     @classmethod
     def from_entry(cls, catalogue: Catalogue, entry: ImageEntry) -> ImageInfo:
         return cls(catalogue.host, entry.path, entry.image_id, entry.size_bytes, entry.total_blocks,
                    entry.distinct + (1 if entry.zero_blocks else 0), entry.zero_blocks, entry.indexed_at,
                    entry.mtime_ns, entry.inode, catalogue.block_size, catalogue.algorithm, entry.distinct,
-                   entry.generation)
+                   entry.generation, entry.image_format)
 
     def to_dict(self) -> dict:
         return {"host": self.host, "path": self.path, "image_id": self.image_id, "size_bytes": self.size_bytes,
                 "total_blocks": self.total_blocks, "unique_blocks": self.unique_blocks,
                 "zero_blocks": self.zero_blocks, "distinct_nonzero": self.distinct_nonzero,
                 "indexed_at": iso_time(self.indexed_at), "mtime_ns": self.mtime_ns, "inode": self.inode,
-                "block_size": self.block_size, "algorithm": self.algorithm}
+                "block_size": self.block_size, "algorithm": self.algorithm, "format": self.image_format}
 
 
 @dataclass(frozen=True)

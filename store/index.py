@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from sketch.blockmap import KEY_DTYPE, BlockMap, lexsort_keys
+from sketch.blocks import detect_format
 from sketch.digests import DEFAULT_ALGORITHM, data_bytes, digest_image
 from sketch.errors import BlocksketchError, FormatError, ImageError, StoreError
 
@@ -158,8 +159,10 @@ def host_union(block_maps: list[BlockMap]) -> tuple[np.ndarray, np.ndarray]:
 class _Refresh:
     """One refresh of one host; see the module docstring for the steps."""
 
-    def __init__(self, store: Store, host: str, block_size: int, progress, on_plan, fp_rate, lock_wait_s):
+    def __init__(self, store: Store, host: str, block_size: int, progress, on_plan, fp_rate, lock_wait_s,
+                 image_format: str | None = None):
         self.store = store
+        self.image_format = image_format
         self.client = store.client
         self.url = store.url
         self.host = keys.check_host(host)
@@ -215,7 +218,8 @@ class _Refresh:
         to_read = []
         for found in files:
             entry = old_images.get(found.path)
-            if entry is not None and entry.unchanged(found.size_bytes, found.mtime_ns, found.inode):
+            if entry is not None and entry.unchanged(found.size_bytes, found.mtime_ns, found.inode) \
+                    and self._same_format(entry):
                 entries[found.path] = entry
                 self.report.reused += 1
             else:
@@ -225,14 +229,16 @@ class _Refresh:
         fresh: dict[str, BlockMap] = {}
         for found in to_read:
             try:
-                digests = digest_image(found.path, self.block_size, config.algorithm, progress=self.progress)
+                image_format = self.image_format or detect_format(found.path)
+                digests = digest_image(found.path, self.block_size, config.algorithm, image_format=image_format,
+                                       progress=self.progress)
             except ImageError as exc:
                 self.report.failed.append((found.path, str(exc)))
                 if found.path in old_images:
                     entries[found.path] = old_images[found.path]
                 continue
             block_map = BlockMap.from_digests(digests)
-            entries[found.path] = self._write_image(config, generation, found, block_map)
+            entries[found.path] = self._write_image(config, generation, found, block_map, image_format)
             fresh[found.path] = block_map
             self.report.indexed.append(found.path)
             self.report.bytes_read += found.size_bytes
@@ -253,13 +259,25 @@ class _Refresh:
         return Catalogue(self.host, generation, time.time(), config.block_size, config.algorithm, distinct,
                          images, sketches, LAYOUT_VERSION)
 
+    def _same_format(self, entry: ImageEntry) -> bool:
+        """Whether an unchanged file's entry was read as this refresh would read it (else re-read it)."""
+        if self.image_format is None and entry.image_format is None:
+            return True  # both detected by magic, on the same bytes
+        try:
+            wanted = self.image_format or detect_format(entry.path)
+            recorded = entry.image_format or detect_format(entry.path)
+        except ImageError:
+            return False  # unreadable now: reading it again reports why
+        return wanted == recorded
+
     def _data_bytes(self, path: str) -> int:
         try:
-            return data_bytes(path, self.block_size)
+            return data_bytes(path, self.block_size, self.image_format)
         except BlocksketchError:
             return 0
 
-    def _write_image(self, config, generation: int, found: _File, block_map: BlockMap) -> ImageEntry:
+    def _write_image(self, config, generation: int, found: _File, block_map: BlockMap,
+                     image_format: str) -> ImageEntry:
         from sketch.bloom import BloomFilter
 
         image = keys.image_id(found.path)
@@ -281,7 +299,7 @@ class _Refresh:
             pipe.execute()
         return ImageEntry(found.path, image, generation, found.size_bytes, found.mtime_ns, found.inode,
                           block_map.total_blocks, block_map.zero_blocks, len(block_map.keys), chunks, time.time(),
-                          int(bloom.m_bits), int(bloom.popcount()))
+                          int(bloom.m_bits), int(bloom.popcount()), image_format)
 
     def _write_host_sketches(self, config, generation: int, old: Catalogue | None, images: tuple[ImageEntry, ...],
                              fresh: dict[str, BlockMap]) -> tuple[dict[str, SketchEntry], int]:
@@ -363,10 +381,13 @@ class _Refresh:
 def refresh_host(store: Store, host: str, paths: list[str], block_size: int,
                  progress: Callable[[int], None] | None = None, *,
                  on_plan: Callable[[int], None] | None = None, fp_rate: float | None = None,
-                 lock_wait_s: float = DEFAULT_WAIT_S) -> RefreshReport:
+                 lock_wait_s: float = DEFAULT_WAIT_S, image_format: str | None = None) -> RefreshReport:
     """Index the images under ``paths`` as ``host``'s (files or directories), then publish atomically.
 
     ``progress(n)`` is called with bytes digested; ``on_plan(total)`` once with the bytes to read.
     ``fp_rate`` sets the filters' false-positive rate of a new index (an existing one keeps its own).
+    ``image_format`` ("raw" or "qcow2") reads every image as that format; None detects each by its
+    magic. The format read is recorded in the image's entry, and an unchanged file whose recorded
+    format differs from the one asked for now is read again.
     """
-    return _Refresh(store, host, block_size, progress, on_plan, fp_rate, lock_wait_s).run(paths)
+    return _Refresh(store, host, block_size, progress, on_plan, fp_rate, lock_wait_s, image_format).run(paths)
