@@ -36,6 +36,7 @@ from .bundle import open_bundle
 from .errors import ImageError, NotFound, UsageError, VerificationError
 from .imagesum import image_checksum
 from .manifest import DUP, LOCAL, SEND, Manifest
+from .pids import pid_alive
 from .ranges import mask_ranges, merge_ranges, ranges_mask, write_ranges_file
 
 PARTIAL_TAG = ".blocksketch-partial-"
@@ -114,7 +115,7 @@ def clean_stale_partials(output: str) -> list[str]:
         if not tail.isdigit():
             continue
         pid = int(tail)
-        if pid != os.getpid() and _alive(pid):
+        if pid != os.getpid() and pid_alive(pid):
             continue
         try:
             os.unlink(path)
@@ -122,16 +123,6 @@ def clean_stale_partials(output: str) -> list[str]:
         except FileNotFoundError:
             pass
     return removed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def default_ranges_file(output: str) -> str:

@@ -90,30 +90,35 @@ class BlockMap:
                    np.ascontiguousarray(sorted_keys[starts]), counts, first)
 
 
-def contains(sorted_keys: np.ndarray, queries: np.ndarray) -> np.ndarray:
-    """Boolean mask: which ``(q, 2)`` query keys occur in the sorted unique ``sorted_keys``.
+def find_keys(sorted_keys: np.ndarray, queries: np.ndarray) -> np.ndarray:
+    """For each ``(q, 2)`` query key, its row in the sorted unique ``sorted_keys``, or -1.
 
     Exact. Fastest when ``queries`` are sorted too.
     """
-    found = np.zeros(len(queries), dtype=bool)
+    found = np.full(len(queries), -1, dtype=np.int64)
     if len(sorted_keys) == 0 or len(queries) == 0:
         return found
     high = sorted_keys[:, 0]
     index = np.searchsorted(high, queries[:, 0], side="left")
     np.minimum(index, len(high) - 1, out=index)
     same_high = high[index] == queries[:, 0]
-    found = same_high & (sorted_keys[index, 1] == queries[:, 1])
-    # Rare: other digests with the same first 8 bytes follow the one found.
-    unresolved = np.flatnonzero(same_high & ~found)
-    for position in unresolved.tolist():
+    hit = same_high & (sorted_keys[index, 1] == queries[:, 1])
+    found[hit] = index[hit]
+    # Rare: other digests with the same first 8 bytes follow the row found.
+    for position in np.flatnonzero(same_high & ~hit).tolist():
         at = int(index[position])
         wanted_high, wanted_low = queries[position]
         while at < len(high) and high[at] == wanted_high:
             if sorted_keys[at, 1] == wanted_low:
-                found[position] = True
+                found[position] = at
                 break
             at += 1
     return found
+
+
+def contains(sorted_keys: np.ndarray, queries: np.ndarray) -> np.ndarray:
+    """Boolean mask: which ``(q, 2)`` query keys occur in the sorted unique ``sorted_keys``."""
+    return find_keys(sorted_keys, queries) >= 0
 
 
 def union_keys(key_arrays: list[np.ndarray]) -> np.ndarray:

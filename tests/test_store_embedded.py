@@ -9,8 +9,9 @@ import sys
 
 import pytest
 
+from sketch.pids import pid_alive
 from store import open_store, refresh_host
-from store.embedded import EmbeddedServer, _pid_alive
+from store.embedded import EmbeddedServer
 from tests.test_store_index import BLOCK, write_fleet
 
 
@@ -25,7 +26,7 @@ def server_pid(home) -> int | None:
         pid = int((home / "store" / "server.pid").read_text())
     except (OSError, ValueError):
         return None
-    return pid if _pid_alive(pid) else None
+    return pid if pid_alive(pid) else None
 
 
 def test_index_then_images_with_no_redis_configured(isolated_home, tmp_path):
@@ -57,7 +58,7 @@ def test_concurrent_users_share_one_server_and_the_last_stops_it(isolated_home, 
     finally:
         first.close()
         second.close()
-    assert not _pid_alive(pid)
+    assert not pid_alive(pid)
 
 
 def test_a_server_left_by_a_killed_user_is_reused_then_stopped(isolated_home, tmp_path):
@@ -68,11 +69,11 @@ def test_a_server_left_by_a_killed_user_is_reused_then_stopped(isolated_home, tm
                             env=only_home_env(isolated_home), timeout=60)
     assert killed.returncode == -9
     pid = int(killed.stdout)
-    assert _pid_alive(pid)  # nobody stopped it...
+    assert pid_alive(pid)  # nobody stopped it...
     with open_store() as store:
         assert server_pid(isolated_home) == pid  # ...the next user reuses it
         assert store.hosts() == []
-    assert not _pid_alive(pid)  # and stops it when done
+    assert not pid_alive(pid)  # and stops it when done
 
 
 def test_a_long_home_gets_a_short_socket_path(tmp_path):
