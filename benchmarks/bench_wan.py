@@ -22,8 +22,10 @@ included), times are wall clock:
   ``-yy --copy-dest`` (rsync picks a fuzzy basis among the best host's images); and onto a copy of
   the image rank named best (copied first, on the destination); ``--block-size 4096`` with a basis.
 
-Without arguments it runs two pairs: bookworm-web to a host holding bookworm-min (and others), and a
-cross-release pair (trixie-web to a host holding bookworm and bullseye images), from /work/corpus.
+Without arguments it runs three pairs from /work/corpus: bookworm-web to a host holding bookworm-min
+(and others); a cross-release pair (trixie-web to a host holding bookworm and bullseye images); and
+bookworm-web to a host holding bookworm-min and the same tree on btrfs (the blocks it lacks are
+spread over two images, where rsync can use one basis).
 """
 
 from __future__ import annotations
@@ -54,6 +56,9 @@ PAIRS = [
                "dc2-b": ["trixie-web.raw"], "dc2-c": ["bookworm-min-btrfs.raw"]}},
     {"name": "cross release", "source": "trixie-web.raw",
      "hosts": {DEST_HOST: ["bookworm-web.raw", "bullseye-min.raw"], "dc2-b": ["bookworm-min-btrfs.raw"]}},
+    # the blocks the source needs are spread over two images there; rsync can use only one as basis
+    {"name": "two images", "source": "bookworm-web.raw",
+     "hosts": {DEST_HOST: ["bookworm-min.raw", "bookworm-web-btrfs.raw"], "dc2-b": ["trixie-web.raw"]}},
 ]
 METHODS = ["ours-dst", "ours-dst0", "ours-src", "plain", "zstd", "rsync", "rsync-fuzzy", "rsync-basis"]
 LABELS = {
@@ -450,9 +455,9 @@ def verdict(runs: list[dict]) -> list[str]:
         if not beaten:
             runner_up = min(peers, key=lambda r: r[key])
             notes.append(f"{what}: blocksketch ({best['label']}) beats every peer; the best peer, "
-                         f"{runner_up['label']}, needs {runner_up[key] / best[key]:.2f}x")
+                         f"{runner_up['label']}, needs {runner_up[key] / best[key]:.3f}x")
             continue
-        names = "; ".join(f"{p['label']} ({p[key] / best[key]:.2f}x)" for p in beaten)
+        names = "; ".join(f"{p['label']} ({p[key] / best[key]:.3f}x)" for p in beaten)
         notes.append(f"{what}: NOT best: {names} beat blocksketch ({best['label']})")
         if key == "seconds":
             before = [s for s in best["steps"] if not s["step"].startswith("send")]
@@ -562,6 +567,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def remove_stale_scratch(parent: str) -> None:
+    """Delete ``bench-wan-PID-*`` scratch directories under ``parent`` whose run died (SIGKILL skips cleanup)."""
+    for name in os.listdir(parent):
+        parts = name.split("-")
+        if name.startswith("bench-wan-") and len(parts) >= 4 and parts[2].isdigit():
+            pid = int(parts[2])
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                progress(f"removing the scratch directory of dead run {pid}: {name}")
+                shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+            except PermissionError:
+                pass
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if os.geteuid() != 0:
@@ -576,7 +596,8 @@ def main(argv: list[str] | None = None) -> int:
     stale = remove_stale()
     if stale:
         progress(f"removed namespaces of dead runs: {', '.join(stale)}")
-    scratch = tempfile.mkdtemp(prefix="bench-wan-", dir=args.scratch)
+    remove_stale_scratch(args.scratch or tempfile.gettempdir())
+    scratch = tempfile.mkdtemp(prefix=f"bench-wan-{os.getpid()}-", dir=args.scratch)
     report = {"machine": machine(), "date": time.strftime("%Y-%m-%d"), "rate": args.rate,
               "block_size": args.block_size, "load_average_start": [round(x, 2) for x in os.getloadavg()]}
     link = Link(args.rate)
@@ -594,8 +615,7 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 report["pairs"].append(pair.run(args.methods))
             finally:
-                for process in list(link._processes):  # this pair's redis and rsync daemon
-                    link.stop(process)
+                link.stop_all()  # this pair's redis servers and rsync daemon
                 shutil.rmtree(pair.work, ignore_errors=True)
             if not args.json:
                 if number == 0:

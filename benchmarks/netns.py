@@ -168,9 +168,13 @@ class Link:
         if process in self._processes:
             self._processes.remove(process)
 
-    def down(self) -> None:
+    def stop_all(self) -> None:
+        """End every process started by ``popen`` that is still tracked."""
         for process in list(self._processes):
             self.stop(process)
+
+    def down(self) -> None:
+        self.stop_all()
         for name in reversed(self._created):
             # anything still inside (a grandchild that left its group) would keep sockets open
             for pid in _ip("netns", "pids", name, check=False).stdout.split():
