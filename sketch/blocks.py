@@ -170,8 +170,10 @@ def open_image(path: str, image_format: str | None = None) -> ImageSource:
     return source
 
 
-def list_images(path: str) -> list[str]:
-    """``path`` itself if it is a file, else every regular file below it (sorted, hidden ones skipped)."""
+def list_images(path: str, require_images: bool = True) -> list[str]:
+    """``path`` itself if it is a file, else every non-empty regular file below it (sorted, hidden ones
+    skipped). A directory that cannot be listed is an error, never an empty listing, so a refresh
+    job cannot mistake it for deleted images; an empty one is an error when ``require_images``."""
     try:
         info = os.stat(path)
     except FileNotFoundError:
@@ -180,13 +182,17 @@ def list_images(path: str) -> list[str]:
         raise ImageError(f"cannot open {path}: {exc.strerror}") from None
     if not stat.S_ISDIR(info.st_mode):
         return [path]
+
+    def unreadable(error: OSError) -> None:
+        raise ImageError(f"cannot list {error.filename}: {error.strerror}")
+
     found = []
-    for root, dirs, files in os.walk(path):
+    for root, dirs, files in os.walk(path, onerror=unreadable):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         for name in sorted(files):
             full = os.path.join(root, name)
             if not name.startswith(".") and os.path.isfile(full) and os.path.getsize(full) > 0:
                 found.append(full)
-    if not found:
+    if not found and require_images:
         raise ImageError(f"directory {path} holds no images")
     return found

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from sketch.blockmap import KEY_DTYPE, BlockMap, lexsort_keys
-from sketch.blocks import detect_format
+from sketch.blocks import detect_format, list_images
 from sketch.digests import DEFAULT_ALGORITHM, data_bytes, digest_image
 from sketch.errors import BlocksketchError, FormatError, ImageError, StoreError
 
@@ -99,33 +99,12 @@ class _File:
     inode: int
 
 
-def _walk(target: str) -> list[str]:
-    """Image files at or below ``target`` (hidden and empty files skipped, like sketch.blocks.list_images)."""
-    try:
-        info = os.stat(target)
-    except FileNotFoundError:
-        raise ImageError(f"no such file or directory: {target}") from None
-    except OSError as exc:
-        raise ImageError(f"cannot open {target}: {exc.strerror}") from None
-    if not stat.S_ISDIR(info.st_mode):
-        return [target]
-    def unreadable(error: OSError) -> None:
-        # A directory we cannot list must fail the refresh, not make its images look deleted.
-        raise ImageError(f"cannot list {error.filename}: {error.strerror}")
-
-    found = []
-    for root, dirs, files in os.walk(target, onerror=unreadable):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        found.extend(os.path.join(root, name) for name in sorted(files) if not name.startswith("."))
-    return found
-
-
 def scan_images(paths: list[str]) -> tuple[list[str], list[_File]]:
     """The absolute real ``paths`` and the non-empty image files under them, each stat'ed once."""
     targets = [os.path.realpath(p) for p in paths]
     files: dict[str, _File] = {}
     for target in targets:
-        for candidate in _walk(target):
+        for candidate in list_images(target, require_images=False):
             real = os.path.realpath(candidate)
             try:
                 info = os.stat(real)
