@@ -41,7 +41,8 @@ def manifest(state: ServiceState, params: dict, body: dict) -> dict:
                          f"({exc.strerror}); run `blocksketch manifest` on {source_host}") from None
     if (current.st_size, current.st_mtime_ns) != (info.size_bytes, info.mtime_ns):
         raise ImageError(f"image {info.path} changed since it was indexed; refresh the index of {source_host}")
-    built = manifest_from_store(state.store, info.path, destination, None, progress=False)
+    built = manifest_from_store(state.store, info.path, destination, None, progress=False,
+                                image_format=info.image_format)
     data = built.to_bytes()
     result = {"image": f"{source_host}:{info.path}", "to": destination, "manifest_bytes": len(data), **built.summary()}
     if include:
