@@ -528,7 +528,7 @@ def print_pair(pair: dict) -> None:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rate", default="100mbit", help="tc rate of the link, each way [default: 100mbit]")
-    parser.add_argument("--source", help="source image (default: the two built-in pairs from /work/corpus)")
+    parser.add_argument("--source", help="source image (default: the three built-in pairs from /work/corpus)")
     parser.add_argument("--dest-images", nargs="+", default=[], metavar="PATH",
                         help="the destination host's images (with --source)")
     parser.add_argument("--other-host", action="append", default=[], metavar="NAME=PATH[,PATH...]",
