@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import click
@@ -17,7 +18,8 @@ from .common import Progress, emit_json, format_option, human_bytes, json_option
 @click.command("pack")
 @click.argument("image", type=click.Path(dir_okay=False))
 @click.argument("manifest_path", metavar="MANIFEST", type=click.Path(dir_okay=False))
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Bundle file to write.")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
+              help="Bundle file to write; - streams it to stdout (the summary then goes to stderr).")
 @click.option("--ranges", "ranges_path", type=click.Path(dir_okay=False), default=None,
               help="Pack only these block ranges: the ranges file a failed `blocksketch apply` wrote.")
 @click.option("--level", type=click.IntRange(1, 22), default=DEFAULT_LEVEL, show_default=True,
@@ -33,9 +35,14 @@ def command(image: str, manifest_path: str, output: str, ranges_path: str | None
     while packing, and on a mismatch no bundle is written. With --ranges, the bundle holds just
     the blocks a failed apply asked for; give it to apply as an extra bundle.
 
+    With -o -, the bundle streams to stdout as it is compressed, so sending and apply run while
+    packing goes on; the summary (or --json) goes to stderr. The checksum is only known at the
+    end, so a mismatch then leaves a bundle without its trailer, which apply rejects.
+
     \b
     Example:
       blocksketch pack vm.img vm.manifest -o vm.bundle
+      blocksketch pack vm.img vm.manifest -o - | ssh dst blocksketch apply vm.manifest - -o vm.img
       blocksketch pack vm.img vm.manifest --ranges vm.img.missing-ranges.json -o vm.extra
     """
     manifest = Manifest.load(manifest_path)
@@ -48,8 +55,13 @@ def command(image: str, manifest_path: str, output: str, ranges_path: str | None
         info = pack_bundle(image, manifest, output, ranges, level=level, progress=progress, image_format=image_format)
     result = {"bundle": output, "contents": info.contents, "blocks": info.blocks, "raw_bytes": info.raw_bytes,
               "bundle_bytes": info.bytes_written}
+    # With -o -, stdout carries only bundle bytes; the summary goes to stderr.
+    to_stderr = output == "-"
     if as_json:
-        emit_json(result)
+        if to_stderr:
+            click.echo(json.dumps(result), err=True)
+        else:
+            emit_json(result)
         return
-    click.echo(f"bundle: {output}: {info.blocks} blocks ({human_bytes(info.raw_bytes)}) in "
-               f"{human_bytes(info.bytes_written)}")
+    click.echo(f"bundle: {'stdout' if to_stderr else output}: {info.blocks} blocks ({human_bytes(info.raw_bytes)}) in "
+               f"{human_bytes(info.bytes_written)}", err=to_stderr)

@@ -21,9 +21,11 @@ Byte layout (version 1; integers little-endian; docs/manifest-format.md has the 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import struct
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import BinaryIO
@@ -33,7 +35,7 @@ import numpy as np
 import zstandard
 
 from .blocks import open_image
-from .errors import FormatError, UsageError, VerificationError
+from .errors import BlocksketchError, FormatError, UsageError, VerificationError
 from .imagesum import TreeHasher, iter_segments
 from .manifest import SEND, Manifest
 from .ranges import merge_ranges
@@ -83,11 +85,17 @@ def bundle_ranges(manifest: Manifest, ranges: tuple[np.ndarray, np.ndarray] | No
 def pack_bundle(image_path: str, manifest: Manifest, output: str, ranges: tuple[np.ndarray, np.ndarray] | None = None,
                 level: int = DEFAULT_LEVEL, progress: Progress | None = None,
                 image_format: str | None = None) -> BundleInfo:
-    """Write the bundle of ``image_path`` for ``manifest`` to ``output`` (atomically).
+    """Write the bundle of ``image_path`` for ``manifest`` to ``output`` (atomically), or stream it.
 
     ``image_format`` ("raw" or "qcow2") is how to read the image, as when the manifest was built;
     None detects it by magic. Checks while packing that the image still has the manifest's
     whole-image checksum; if not, no bundle is left behind.
+
+    ``output`` ``"-"`` streams the bundle to stdout as it is compressed (no temp file, no rename,
+    no fsync), so a reader (a socket, ``apply -``) starts while packing goes on. The checksum can
+    only be checked once the whole image was read, so a failed pack then leaves the frames already
+    written but never the trailer: apply rejects such a truncated bundle ("is truncated") and
+    writes no output.
     """
     start, count = bundle_ranges(manifest, ranges)
     total = manifest.total_blocks
@@ -99,8 +107,11 @@ def pack_bundle(image_path: str, manifest: Manifest, output: str, ranges: tuple[
               "ranges": b"" if ranges is None else np.stack([start, count], axis=1).astype("<u8").tobytes(),
               "blocks": int(count.sum()), "compression": "zstd", "level": level, "window_log": WINDOW_LOG,
               "frame_bytes": FRAME_BYTES}
-    directory = os.path.dirname(os.path.abspath(output))
-    temp = os.path.join(directory, f".{os.path.basename(output)}.tmp-{os.getpid()}")
+    stream = output == "-"
+    temp = None
+    if not stream:
+        directory = os.path.dirname(os.path.abspath(output))
+        temp = os.path.join(directory, f".{os.path.basename(output)}.tmp-{os.getpid()}")
     source = open_image(image_path, image_format)
     # Read as another format than the manifest's, an image has other bytes: say so, not just "changed".
     retry = f"rebuild the manifest, or pack with the --format it was built with (the image was read as {source.format})"
@@ -108,7 +119,7 @@ def pack_bundle(image_path: str, manifest: Manifest, output: str, ranges: tuple[
         if source.size_bytes != manifest.size_bytes:
             raise VerificationError(f"image {image_path} is {source.size_bytes} bytes but the manifest describes "
                                     f"{manifest.size_bytes}; {retry}")
-        with open(temp, "wb") as handle:
+        with (contextlib.nullcontext(sys.stdout.buffer) if stream else open(temp, "wb")) as handle:
             writer = _Writer(handle, header, level)
             checksum = _stream_blocks(source, manifest.block_size, start, count, writer, progress)
             if checksum != manifest.checksum:
@@ -116,16 +127,21 @@ def pack_bundle(image_path: str, manifest: Manifest, output: str, ranges: tuple[
                                         f"{retry}")
             writer.finish()
             handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp, output)
+            if not stream:
+                os.fsync(handle.fileno())
+        if not stream:
+            os.replace(temp, output)
+    except BrokenPipeError:
+        raise BlocksketchError("cannot write the bundle to stdout: its reader closed the pipe") from None
     except OSError as exc:
         raise UsageError(f"cannot write bundle {output}: {exc.strerror}") from None
     finally:
         source.close()
-        try:
-            os.unlink(temp)
-        except FileNotFoundError:
-            pass
+        if temp is not None:
+            try:
+                os.unlink(temp)
+            except FileNotFoundError:
+                pass
     return BundleInfo(output, manifest.manifest_id, manifest.block_size, contents, start, count, int(count.sum()),
                       writer.bytes_written, writer.raw_bytes)
 
@@ -320,8 +336,6 @@ def open_bundle(path: str, manifest: Manifest) -> tuple[BinaryIO, BundleReader]:
     """Open ``path`` (``-`` for stdin) and read its header."""
     what = "bundle from stdin" if path == "-" else f"bundle {path}"
     if path == "-":
-        import sys
-
         handle = sys.stdin.buffer
     else:
         try:

@@ -131,3 +131,41 @@ def test_an_unknown_destination_is_a_clear_error(tmp_path, redis_url, indexed):
     one_line_error(run("manifest", indexed["source"], "--to", "nowhere", "-o", str(tmp_path / "m"),
                        redis_url=redis_url, check=False), 1, "nowhere")
     assert not (tmp_path / "m").exists()
+
+
+def pack_into_apply(manifest: Path, image: str, out: Path, redis_url: str) -> tuple[subprocess.Popen, subprocess.Popen]:
+    """``pack IMAGE MANIFEST -o - | apply MANIFEST - -o OUT`` through a real pipe; both finished processes."""
+    env = {**os.environ, "BLOCKSKETCH_REDIS_URL": redis_url}
+    pack = subprocess.Popen([sys.executable, "-m", "cli", "pack", image, str(manifest), "-o", "-", "--json"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    apply = subprocess.Popen([sys.executable, "-m", "cli", "apply", str(manifest), "-", "-o", str(out), "--json"],
+                             env=env, stdin=pack.stdout, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    pack.stdout.close()  # apply holds the read end; pack sees EPIPE if apply quits early
+    pack.stderr_text = pack.stderr.read().decode()
+    apply.stdout_text, apply.stderr_text = apply.communicate(timeout=120)
+    pack.wait(timeout=120)
+    return pack, apply
+
+
+def test_pack_to_stdout_streams_into_apply(tmp_path, redis_url, indexed):
+    manifest, out = tmp_path / "m", tmp_path / "out.img"
+    summary = json.loads(run("manifest", indexed["source"], "--to", HOST, "-o", str(manifest), "--json",
+                             redis_url=redis_url).stdout)
+    pack, apply = pack_into_apply(manifest, indexed["source"], out, redis_url)
+    assert pack.returncode == 0 and apply.returncode == 0, (pack.stderr_text, apply.stderr_text)
+    assert json.loads(pack.stderr_text)["blocks"] == summary["blocks"]["send"]  # the summary on stderr
+    assert json.loads(apply.stdout_text)["status"] == "ok"
+    assert out.read_bytes() == Path(indexed["source"]).read_bytes()
+    assert [p.name for p in tmp_path.iterdir() if ".tmp-" in p.name] == []
+
+
+def test_a_streamed_pack_of_a_changed_image_is_rejected_by_apply(tmp_path, redis_url, indexed):
+    manifest, out = tmp_path / "m", tmp_path / "out.img"
+    run("manifest", indexed["source"], "--to", HOST, "-o", str(manifest), redis_url=redis_url)
+    with open(indexed["source"], "r+b") as handle:  # a zero block, not sent: every frame stays valid
+        handle.write(b"changed after the manifest")
+    pack, apply = pack_into_apply(manifest, indexed["source"], out, redis_url)
+    one_line_error(subprocess.CompletedProcess([], pack.returncode, "", pack.stderr_text), 1, "no longer matches")
+    one_line_error(subprocess.CompletedProcess([], apply.returncode, "", apply.stderr_text), 1, "truncated")
+    assert not out.exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
