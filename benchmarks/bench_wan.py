@@ -12,9 +12,10 @@ checked with ``cmp``; bytes are what the two ends' qdiscs sent (both ways, IP an
 included), times are wall clock:
 
 - blocksketch, index at the destination: ``rank`` (digests the image at the source and queries the
-  index across the link), ``manifest --to`` the ranked best host, ``pack``, the manifest over TCP,
-  then the bundle over TCP straight into ``apply -`` on the destination (``--no-stream``: into a
-  file, then apply), ``cmp``; again with ``rank --exact-top 0`` (no block maps fetched by rank);
+  index across the link), ``manifest --to`` the ranked best host, the manifest over TCP, then
+  ``pack -o -`` straight into TCP straight into ``apply -`` on the destination, so packing, sending
+  and applying overlap (``--no-stream``: pack to a file, send it into a file, then apply), ``cmp``;
+  again with ``rank --exact-top 0`` (no block maps fetched by rank);
 - blocksketch, index replica at the source: the same, reading a Redis replica in the source
   namespace (its initial sync is background traffic, reported separately);
 - plain copy: the raw bytes over TCP; ``zstd -3 | TCP | zstd -d``;
@@ -304,8 +305,9 @@ class Pair:
     def ours(self, method: str) -> dict:
         """rank, manifest, pack at the source; manifest and bundle over TCP; apply at the destination.
 
-        With ``stream`` (the default) the bundle goes straight from the socket into ``apply -``, as the
-        copies and rsync also stream; otherwise it lands in a file first and apply is its own step.
+        With ``stream`` (the default) ``pack -o -`` writes into the socket and the socket into
+        ``apply -``, as the copies and rsync also stream; otherwise pack, send and apply are steps
+        one after another, through files.
         """
         bench = self.bench
         url = self.replica_url if method == "ours-src" else self.master_url
@@ -327,22 +329,29 @@ class Pair:
         built, step = bench.measured(f"manifest --to {host}", lambda: bench.cli(
             SOURCE, "manifest", self.source, "--to", host, "-o", manifest, "--redis", url))
         steps.append(step)
-        packed, step = bench.measured("pack", lambda: bench.cli(SOURCE, "pack", self.source, manifest, "-o", bundle))
-        steps.append(step)
         if bench.stream:
+            # pack -o - feeds the socket as it compresses: packing, sending and apply overlap
             _, step = bench.measured("send manifest", lambda: bench.transfer(manifest, landed[0]))
             steps.append(step)
-            piped, step = bench.measured("send bundle | apply -", lambda: bench.pipe(
-                f"cat {bundle}", " ".join(bench.blocksketch + apply_args)))
+            summary = os.path.join(self.src_dir, "pack.json")
+            pack = " ".join([*bench.blocksketch, "pack", self.source, manifest, "-o", "-", "--json"])
+            piped, step = bench.measured("pack | send bundle | apply -", lambda: bench.pipe(
+                f"{pack} 2>{summary}", " ".join(bench.blocksketch + apply_args)))
             applied = json.loads(piped["output"])
+            with open(summary) as handle:
+                packed = json.loads(handle.read().strip().splitlines()[-1])
+            os.unlink(summary)
         else:
+            packed, step = bench.measured("pack", lambda: bench.cli(SOURCE, "pack", self.source, manifest,
+                                                                    "-o", bundle))
+            steps.append(step)
             _, step = bench.measured("send manifest + bundle", lambda: [bench.transfer(p, q) for p, q in
                                                                         zip((manifest, bundle), landed)])
             steps.append(step)
             applied, step = bench.measured("apply", lambda: json.loads(self.bench.run(
                 DESTINATION, [*bench.blocksketch, *apply_args]).stdout))
         steps.append(step)
-        payload = os.path.getsize(manifest) + os.path.getsize(bundle)
+        payload = os.path.getsize(manifest) + packed["bundle_bytes"]
         for path in (manifest, bundle, *landed):
             if os.path.exists(path):
                 os.unlink(path)
@@ -460,17 +469,17 @@ def verdict(runs: list[dict]) -> list[str]:
         names = "; ".join(f"{p['label']} ({p[key] / best[key]:.3f}x)" for p in beaten)
         notes.append(f"{what}: NOT best: {names} beat blocksketch ({best['label']})")
         if key == "seconds":
-            before = [s for s in best["steps"] if not s["step"].startswith("send")]
-            link = [s for s in best["steps"] if s["step"].startswith("send")]
+            before = [s for s in best["steps"] if "send" not in s["step"]]
+            link = [s for s in best["steps"] if "send" in s["step"]]
             notes.append(
-                "  why: blocksketch's steps run one after another and read the image three times at the "
-                f"source (rank, manifest, pack: {sum(s['seconds'] for s in before):.1f} s of CPU-bound work "
-                f"before the first bundle byte leaves), then {sum(s['seconds'] for s in link):.1f} s to send "
-                f"{sum(s['link_bytes'] for s in link) / MIB:.1f} MiB while apply writes; the peers "
-                "stream (rsync checksums, searches and sends in one pipelined pass), so at this rate the "
-                "link time blocksketch saves is smaller than its serial CPU steps")
+                "  why: blocksketch reads the image at the source once per step before the bundle "
+                f"streams ({', '.join(s['step'] for s in before)}: {sum(s['seconds'] for s in before):.1f} s of "
+                f"CPU-bound work before the first bundle byte leaves), then {sum(s['seconds'] for s in link):.1f} s "
+                f"for {sum(s['link_bytes'] for s in link) / MIB:.1f} MiB ({', '.join(s['step'] for s in link)}); "
+                "rsync checksums, searches and sends in one pipelined pass, so at this rate the link time "
+                "blocksketch saves is smaller than its serial CPU steps")
         else:
-            fetched = sum(s["link_bytes"] for s in best["steps"] if not s["step"].startswith("send"))
+            fetched = sum(s["link_bytes"] for s in best["steps"] if "send" not in s["step"])
             if fetched:
                 notes.append(f"  why: rank and manifest fetched {fetched / MIB:.1f} MiB of the index (block maps) "
                              "across the link")
