@@ -12,7 +12,9 @@ Debian bookworm: minbase, and minbase + nginx-light, python3, openssh-server). F
   at the default zstd level 3 per block size, and at ``--high-level`` for the largest block size;
 - full copy (the image's size) and `zstd -3` of the whole image;
 - rsync against the destination's image (`--no-whole-file`, so the delta algorithm runs even
-  locally): bytes sent and received as `--stats` reports them, with and without `-z`;
+  locally; `-S`; no `--inplace`, which hides basis data behind the write position): bytes sent and
+  received as `--stats` reports them, with and without `-z`, the better of rsync's default block
+  size and 4096 B;
 - rdiff (librsync) delta against it, raw and after `zstd -3`, plus the signature that must travel
   the other way first;
 - xdelta3 -9 with the whole destination image as its source window;
@@ -111,14 +113,33 @@ def zstd_size(path: str) -> int:
     return total
 
 
+# rsync's default block size is about sqrt(file size) (32 KiB for 1 GiB); 4096 B matches ext4's blocks.
+RSYNC_BLOCK_SIZES = (None, 4096)
+
+
 def rsync_bytes(source: str, basis: str, scratch: str, compress: bool) -> dict:
+    """rsync at its best: the fewer bytes of its default block size and 4096 B, each one run.
+
+    No ``--inplace``: with it rsync cannot reuse basis data behind its write position, so it matched
+    ~1/3 of what it matches otherwise (297 MB vs 89 MB literal data, web -> min).
+    """
+    runs = [rsync_once(source, basis, scratch, compress, block_size) for block_size in RSYNC_BLOCK_SIZES]
+    best = min(runs, key=lambda r: r["total"])
+    return {**best, "tried": {r["block_size"] or "default": r["total"] for r in runs}}
+
+
+def rsync_once(source: str, basis: str, scratch: str, compress: bool, block_size: int | None) -> dict:
+    """Bytes sent+received (``--stats``) to rsync source onto a copy of basis, and whether the result matches."""
     target_dir = os.path.join(scratch, "rsync-z" if compress else "rsync")
     os.makedirs(target_dir)
     target = os.path.join(target_dir, os.path.basename(source))
     run(["cp", "--sparse=always", basis, target])
-    command = ["rsync", "--no-whole-file", "--inplace", "--stats", source, target]
+    # --no-whole-file: the delta algorithm runs even between local paths; -I: never skip on size+mtime.
+    command = ["rsync", "--no-whole-file", "-I", "-S", "--stats", source, target]
     if compress:
         command.insert(1, "-z")
+    if block_size:
+        command[1:1] = ["--block-size", str(block_size)]
     out = run(command).stdout
     stats = {}
     for line in out.splitlines():
@@ -128,7 +149,7 @@ def rsync_bytes(source: str, basis: str, scratch: str, compress: bool) -> dict:
                 stats[key] = int(line.split(":")[1].split()[0].replace(",", ""))
     same = subprocess.run(["cmp", source, target], capture_output=True).returncode == 0
     shutil.rmtree(target_dir)
-    return {**stats, "total": stats["sent"] + stats["received"], "cmp_identical": same}
+    return {**stats, "block_size": block_size, "total": stats["sent"] + stats["received"], "cmp_identical": same}
 
 
 def rdiff_bytes(source: str, basis: str, scratch: str) -> dict:
@@ -254,8 +275,8 @@ def print_row(row: dict) -> None:
           f"{row['data_bytes'] / mib:.1f} MiB allocated")
     reference = row["ours"][0]["wan_bytes"]  # the first block size at the default level
     peers = [("full copy", row["size_bytes"]), ("zstd -3 of the image", row["zstd3"]),
-             ("rsync --no-whole-file (sent+received)", row["rsync"]["total"]),
-             ("rsync -z --no-whole-file (sent+received)", row["rsync_z"]["total"]),
+             (f"rsync -S -B {row['rsync']['block_size'] or 'default'} (sent+received)", row["rsync"]["total"]),
+             (f"rsync -zS -B {row['rsync_z']['block_size'] or 'default'} (sent+received)", row["rsync_z"]["total"]),
              ("rdiff delta (raw)", row["rdiff"]["delta"]),
              ("rdiff delta | zstd -3", row["rdiff"]["delta_zstd3"]),
              ("rdiff delta | zstd -3 + signature", row["rdiff"]["delta_zstd3"] + row["rdiff"]["signature"]),
@@ -278,6 +299,8 @@ def print_row(row: dict) -> None:
         print(f"  casync: {row['casync']}")
     for o in row["ours"][:-1]:
         print(f"  blocks at {o['block_size']} B: {o['blocks']}, runs {o['runs']}")
+    print(f"  rsync sent+received by block size: {row['rsync']['tried']}; with -z: {row['rsync_z']['tried']}; "
+          f"literal {row['rsync']['literal']:,}, matched {row['rsync']['matched']:,} at the better one")
     print(f"  rsync cmp identical: {row['rsync']['cmp_identical'] and row['rsync_z']['cmp_identical']}")
 
 
