@@ -120,8 +120,8 @@ RSYNC_BLOCK_SIZES = (None, 4096)
 def rsync_bytes(source: str, basis: str, scratch: str, compress: bool) -> dict:
     """rsync at its best: the fewer bytes of its default block size and 4096 B, each one run.
 
-    No ``--inplace``: with it rsync cannot reuse basis data behind its write position, so it matched
-    ~1/3 of what it matches otherwise (297 MB vs 89 MB literal data, web -> min).
+    No ``--inplace``: with it rsync cannot reuse basis data behind its write position, so it sent
+    ~3.3x the literal data (297 MB vs 89 MB at 4096 B, web -> min).
     """
     runs = [rsync_once(source, basis, scratch, compress, block_size) for block_size in RSYNC_BLOCK_SIZES]
     best = min(runs, key=lambda r: r["total"])
