@@ -17,7 +17,8 @@ included), times are wall clock:
   and applying overlap (``--no-stream``: pack to a file, send it into a file, then apply), ``cmp``;
   again with ``rank --exact-top 0`` (no block maps fetched by rank);
 - blocksketch, index replica at the source: the same, reading a Redis replica in the source
-  namespace (its initial sync is background traffic, reported separately);
+  namespace (its initial sync is background traffic, reported separately); again with
+  ``rank --exact-top 0``;
 - plain copy: the raw bytes over TCP; ``zstd -3 | TCP | zstd -d``;
 - rsync (daemon in the destination namespace; ``-z`` negotiates zstd): without a basis; with
   ``-yy --copy-dest`` (rsync picks a fuzzy basis among the best host's images); and onto a copy of
@@ -61,11 +62,12 @@ PAIRS = [
     {"name": "two images", "source": "bookworm-web.raw",
      "hosts": {DEST_HOST: ["bookworm-min.raw", "bookworm-web-btrfs.raw"], "dc2-b": ["trixie-web.raw"]}},
 ]
-METHODS = ["ours-dst", "ours-dst0", "ours-src", "plain", "zstd", "rsync", "rsync-fuzzy", "rsync-basis"]
+METHODS = ["ours-dst", "ours-dst0", "ours-src", "ours-src0", "plain", "zstd", "rsync", "rsync-fuzzy", "rsync-basis"]
 LABELS = {
     "ours-dst": "blocksketch, index at destination",
     "ours-dst0": "blocksketch, index at dest., rank --exact-top 0",
     "ours-src": "blocksketch, index replica at source",
+    "ours-src0": "blocksketch, replica at src., rank --exact-top 0",
     "plain": "plain copy: raw bytes over TCP",
     "zstd": "zstd -3 | TCP | zstd -d",
     "rsync": "rsync -S -z, no basis",
@@ -147,17 +149,24 @@ class Bench:
             raise RuntimeError(f"receiver failed: {err.strip()}")
         return json.loads(err.strip().splitlines()[-1])["received"]
 
-    def pipe(self, send_script: str, receive_script: str) -> dict:
+    def pipe(self, send_script: str, receive_script: str, first: tuple[str, str] | None = None) -> dict:
         """``send_script | send`` in the source namespace, ``recv | receive_script`` in the destination's.
 
-        Returns the payload bytes sent and what ``receive_script`` printed.
+        ``first``: a (source file, destination file) pair sent over a connection of its own while
+        ``send_script`` starts; ``receive_script`` starts once that file has arrived. Returns the
+        payload bytes of the pipe and what ``receive_script`` printed.
         """
         address = f"{self.dst}:{self.next_port()}"
         netns = f"{self.python} -m benchmarks.netns"
-        receiver = self.link.shell(DESTINATION, f"{netns} recv {address} - | {receive_script}", cwd=REPO,
-                                   env=self.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        before_send = before_receive = ""
+        if first is not None:
+            first_address = f"{self.dst}:{self.next_port()}"
+            before_receive = f"{netns} recv {first_address} {first[1]} 2>/dev/null && "
+            before_send = f"{netns} send {first_address} {first[0]} 2>/dev/null & "
+        receiver = self.link.shell(DESTINATION, f"{before_receive}{netns} recv {address} - | {receive_script}",
+                                   cwd=REPO, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
-            sent = self.run(SOURCE, ["sh", "-c", f"{send_script} | {netns} send {address} -"])
+            sent = self.run(SOURCE, ["sh", "-c", f"{before_send}{send_script} | {netns} send {address} -; wait"])
             out, err = receiver.communicate(timeout=600)
         finally:
             self.link.stop(receiver)
@@ -310,8 +319,9 @@ class Pair:
         one after another, through files.
         """
         bench = self.bench
-        url = self.replica_url if method == "ours-src" else self.master_url
-        rank_options = ["--exact-top", "0"] if method == "ours-dst0" else []
+        url = self.replica_url if method.startswith("ours-src") else self.master_url
+        # --exact-top 0: rank trusts the sketches; manifest's exact pass over the chosen host still runs
+        rank_options = ["--exact-top", "0"] if method.endswith("0") else []
         manifest = os.path.join(self.src_dir, f"{self.name}.manifest")
         bundle = os.path.join(self.src_dir, f"{self.name}.bundle")
         incoming = os.path.join(self.dst_dir, "in")
@@ -323,20 +333,19 @@ class Pair:
         rank, step = bench.measured("rank", lambda: bench.cli(SOURCE, "rank", self.source, *rank_options,
                                                                "--redis", url))
         steps.append(step)
-        if method != "ours-dst0" or not self.rank:
+        if not method.endswith("0") or not self.rank:
             self.rank = rank
         host = rank["winner"]
         built, step = bench.measured(f"manifest --to {host}", lambda: bench.cli(
             SOURCE, "manifest", self.source, "--to", host, "-o", manifest, "--redis", url))
         steps.append(step)
         if bench.stream:
-            # pack -o - feeds the socket as it compresses: packing, sending and apply overlap
-            _, step = bench.measured("send manifest", lambda: bench.transfer(manifest, landed[0]))
-            steps.append(step)
+            # The manifest goes over its own connection while pack starts; pack -o - feeds the second
+            # connection as it compresses, and apply - reads it: packing, sending and applying overlap.
             summary = os.path.join(self.src_dir, "pack.json")
             pack = " ".join([*bench.blocksketch, "pack", self.source, manifest, "-o", "-", "--json"])
-            piped, step = bench.measured("pack | send bundle | apply -", lambda: bench.pipe(
-                f"{pack} 2>{summary}", " ".join(bench.blocksketch + apply_args)))
+            piped, step = bench.measured("send manifest, pack | send bundle | apply -", lambda: bench.pipe(
+                f"{pack} 2>{summary}", " ".join(bench.blocksketch + apply_args), first=(manifest, landed[0])))
             applied = json.loads(piped["output"])
             with open(summary) as handle:
                 packed = json.loads(handle.read().strip().splitlines()[-1])
@@ -423,7 +432,7 @@ class Pair:
                   "hosts": {h: [os.path.basename(i) for i in images] for h, images in self.spec["hosts"].items()}}
         progress(f"pair '{self.spec['name']}': {self.name} -> fleet {result['hosts']}")
         result["index"] = self.start_index()
-        if "ours-src" in methods:
+        if any(m.startswith("ours-src") for m in methods):
             result["replication"] = self.start_replica()
         if any(m.startswith("rsync") for m in methods):
             self.start_rsyncd()
