@@ -208,7 +208,8 @@ def run(args) -> int:
         print(f"indexed: {', '.join(names['hosts'])} ({len(names['images'])} images); service {base}")
         print("running: " + " ".join(shown[1:]), flush=True)
         started = time.perf_counter()
-        done = subprocess.run(command, env=env, cwd=str(ROOT), timeout=args.timeout)
+        # In the temporary directory: schemathesis keeps a crash cache (.schemathesis/) where it runs.
+        done = subprocess.run(command, env=env, cwd=workdir, timeout=args.timeout)
         seconds = time.perf_counter() - started
         alive = service.poll() is None
         print("requests by operation and status (schemathesis's HAR report):")
