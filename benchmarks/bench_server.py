@@ -13,9 +13,10 @@ answered; a minimal client, because ``httpx.AsyncClient`` cost more CPU per requ
 
 The fleet (4 KiB blocks; every image has 30% zero blocks and 10% of its own blocks repeated):
 
-- host ``origin`` holds the query image: ``--query-mib`` MiB (192 MiB: ~31 K distinct non-zero blocks,
-  just under the estimate's cap of 32 K light probes, so the estimate stage costs what it costs for
-  a many-GiB image; the exact pass reads maps of this size, ~8x smaller than a 1 GiB image's);
+- host ``origin`` holds the query image: ``--query-mib`` MiB (192 MiB: ~34 K distinct non-zero blocks,
+  of which the estimate probes ~17 K; a multi-GiB image gets 24-32 K probes, so the estimate stage
+  costs a little less here than for a big image; the exact pass reads maps of this size, ~8x smaller
+  than a 1 GiB image's);
 - ``--big-hosts`` hosts hold one image of the query's size drawing 40-80% of its non-zero blocks
   from the query's content: the candidates whose block maps the exact pass reads;
 - every other host holds one image of 1 MiB (a quarter of them a second one), drawing 0-80% of
