@@ -18,7 +18,8 @@ included), times are wall clock:
   again with ``rank --exact-top 0`` (no block maps fetched by rank);
 - blocksketch, index replica at the source: the same, reading a Redis replica in the source
   namespace (its initial sync is background traffic, reported separately); again with
-  ``rank --exact-top 0``;
+  ``rank --exact-top 0``; and (``ours-srcfile``, not run by default) as before ``pack -o -``
+  existed: pack into a file, then send it into ``apply -``;
 - plain copy: the raw bytes over TCP; ``zstd -3 | TCP | zstd -d``;
 - rsync (daemon in the destination namespace; ``-z`` negotiates zstd): without a basis; with
   ``-yy --copy-dest`` (rsync picks a fuzzy basis among the best host's images); and onto a copy of
@@ -62,12 +63,14 @@ PAIRS = [
     {"name": "two images", "source": "bookworm-web.raw",
      "hosts": {DEST_HOST: ["bookworm-min.raw", "bookworm-web-btrfs.raw"], "dc2-b": ["trixie-web.raw"]}},
 ]
-METHODS = ["ours-dst", "ours-dst0", "ours-src", "ours-src0", "plain", "zstd", "rsync", "rsync-fuzzy", "rsync-basis"]
+METHODS = ["ours-dst", "ours-dst0", "ours-src", "ours-src0", "ours-srcfile", "plain", "zstd", "rsync", "rsync-fuzzy",
+           "rsync-basis"]
 LABELS = {
     "ours-dst": "blocksketch, index at destination",
     "ours-dst0": "blocksketch, index at dest., rank --exact-top 0",
     "ours-src": "blocksketch, index replica at source",
     "ours-src0": "blocksketch, replica at src., rank --exact-top 0",
+    "ours-srcfile": "blocksketch, replica at src., pack to a file",
     "plain": "plain copy: raw bytes over TCP",
     "zstd": "zstd -3 | TCP | zstd -d",
     "rsync": "rsync -S -z, no basis",
@@ -339,7 +342,17 @@ class Pair:
         built, step = bench.measured(f"manifest --to {host}", lambda: bench.cli(
             SOURCE, "manifest", self.source, "--to", host, "-o", manifest, "--redis", url))
         steps.append(step)
-        if bench.stream:
+        if bench.stream and method == "ours-srcfile":
+            # the pipeline before `pack -o -`: pack into a file, then stream the file into apply -
+            packed, step = bench.measured("pack", lambda: bench.cli(SOURCE, "pack", self.source, manifest,
+                                                                    "-o", bundle))
+            steps.append(step)
+            _, step = bench.measured("send manifest", lambda: bench.transfer(manifest, landed[0]))
+            steps.append(step)
+            piped, step = bench.measured("send bundle | apply -", lambda: bench.pipe(
+                f"cat {bundle}", " ".join(bench.blocksketch + apply_args)))
+            applied = json.loads(piped["output"])
+        elif bench.stream:
             # The manifest goes over its own connection while pack starts; pack -o - feeds the second
             # connection as it compresses, and apply - reads it: packing, sending and applying overlap.
             summary = os.path.join(self.src_dir, "pack.json")
@@ -556,7 +569,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="rsync --block-size for the runs with a basis (0: rsync's own) [default: 4096]")
     parser.add_argument("--no-stream", action="store_true",
                         help="land the bundle in a file, then apply (default: the socket feeds apply -)")
-    parser.add_argument("--only", default=",".join(METHODS), help=f"methods to run [default: {','.join(METHODS)}]")
+    parser.add_argument("--only", default=",".join(m for m in METHODS if m != "ours-srcfile"),
+                        help=f"methods to run, of {','.join(METHODS)} [default: all but ours-srcfile]")
     parser.add_argument("--scratch", default=os.environ.get("BENCH_DIR"), help="directory for scratch files")
     parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
     args = parser.parse_args(argv)
