@@ -203,7 +203,12 @@ def create_app(store, token: str | None, max_body_bytes: int = DEFAULT_MAX_BODY_
     async def not_found(request: Request, exc) -> JSONResponse:
         status = getattr(exc, "status_code", 404)
         if status == 405:
-            return error_response(405, "method_not_allowed", f"{request.method} is not allowed on {request.url.path}")
+            response = error_response(405, "method_not_allowed",
+                                      f"{request.method} is not allowed on {request.url.path}")
+            allow = (getattr(exc, "headers", None) or {}).get("Allow")
+            if allow:
+                response.headers["Allow"] = allow  # RFC 9110: a 405 lists the methods the resource has
+            return response
         return error_response(404, "not_found", f"no endpoint at {request.url.path}")
 
     app = Starlette(routes=routes, exception_handlers={404: not_found, 405: not_found})

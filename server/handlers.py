@@ -50,6 +50,8 @@ def manifest(state: ServiceState, params: dict, body: dict) -> dict:
     return result
 
 
+# Each host in the exact pass costs its block maps from Redis: a request may not ask for the whole fleet.
+MAX_EXACT_TOP = 64
 # The warm fleet is re-checked against the index at most this often; a refresh shows up within it.
 FLEET_MAX_AGE_S = 1.0
 
@@ -83,7 +85,7 @@ def rank_query_to_body(query: RankQuery) -> dict:
 def rank(state: ServiceState, params: dict, body: dict) -> dict:
     """Rank hosts for an indexed image (``"image": "HOST:PATH"``) or a client's query (digests + counts)."""
     top = positive_int(body, "top", DEFAULT_TOP)
-    exact_top = positive_int(body, "exact_top", DEFAULT_EXACT_TOP)
+    exact_top = positive_int(body, "exact_top", DEFAULT_EXACT_TOP, maximum=MAX_EXACT_TOP)
     if top < 1:
         raise UsageError("'top' must be at least 1")
     exclude = body.get("exclude_hosts", [])

@@ -49,8 +49,8 @@ RANK_REQUEST = {
     "required": ["image"],
     "properties": {
         "image": {"type": "string", "description": "HOST:PATH of an indexed image", "minLength": 1},
-        "top": {"type": "integer", "minimum": 0, "maximum": 100000, "default": 10},
-        "exact_top": {"type": "integer", "minimum": 0, "maximum": 100000, "default": 3},
+        "top": {"type": "integer", "minimum": 1, "maximum": 100000, "default": 10},
+        "exact_top": {"type": "integer", "minimum": 0, "maximum": 64, "default": 3},
         "exclude_hosts": {"type": "array", "items": {"type": "string"}},
     },
 }
@@ -62,13 +62,13 @@ RANK_QUERY_MSGPACK = {
     "required": ["block_size", "total_blocks", "zero_blocks", "digests", "counts"],
     "properties": {
         "name": {"type": "string"},
-        "block_size": {"type": "integer"},
-        "total_blocks": {"type": "integer"},
-        "zero_blocks": {"type": "integer"},
+        "block_size": {"type": "integer", "minimum": 0},
+        "total_blocks": {"type": "integer", "minimum": 0},
+        "zero_blocks": {"type": "integer", "minimum": 0},
         "digests": {"type": "string", "format": "binary", "description": "n x 16 bytes, sorted"},
         "counts": {"type": "string", "format": "binary", "description": "n little-endian uint32"},
-        "top": {"type": "integer"},
-        "exact_top": {"type": "integer"},
+        "top": {"type": "integer", "minimum": 1, "maximum": 100000},
+        "exact_top": {"type": "integer", "minimum": 0, "maximum": 64},
         "exclude_hosts": {"type": "array", "items": {"type": "string"}},
     },
 }
@@ -153,7 +153,7 @@ def openapi_document() -> dict:
                     "application/json": {"schema": RANK_REQUEST},
                     "application/msgpack": {"schema": RANK_QUERY_MSGPACK}}},
                 "responses": {"200": {"description": "ranking", **_json(RANK_RESULT)},
-                              **_errors(400, 401, 404, 409, 413, 503)}}},
+                              **_errors(400, 401, 404, 409, 413, 422, 503)}}},
             "/v1/manifest": {"post": {
                 "summary": "Transfer manifest summary (and manifest) for an indexed image to a host",
                 "security": secured,

@@ -183,6 +183,15 @@ class FleetSketches:
         self.distinct = np.zeros(0, dtype=np.int64)
         self.tags: list[object] = []
 
+    def copy(self) -> FleetSketches:
+        """An independent copy: updated while readers keep probing the original."""
+        other = FleetSketches(self.m_bits, self.k)
+        other.hosts, other._index, other.tags = list(self.hosts), dict(self._index), list(self.tags)
+        other._matrix = self._matrix.copy()
+        other.shift, other.fp_rate = self.shift.copy(), self.fp_rate.copy()
+        other.has_zero, other.distinct = self.has_zero.copy(), self.distinct.copy()
+        return other
+
     def __len__(self) -> int:
         return len(self.hosts)
 

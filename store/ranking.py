@@ -42,9 +42,14 @@ register_host_sketch(RANK_SKETCH, build_rank_sketch)
 
 @dataclass
 class _Warm:
+    """One index's warm fleet. ``fleet``, ``catalogues`` and ``details`` are replaced together (never
+    changed in place) so readers take a consistent snapshot without the lock; ``lock`` serialises
+    the updates."""
+
     fleet: FleetSketches
     lock: threading.Lock
     catalogues: dict[str, Catalogue] = field(default_factory=dict)
+    details: dict[str, dict] = field(default_factory=dict)
     checked_at: float = float("-inf")
 
 
@@ -93,19 +98,41 @@ def _warm(store: Store) -> _Warm:
 
 
 def _update(warm: _Warm, store: Store, max_age_s: float) -> dict[str, Catalogue]:
-    """Bring ``warm`` up to date (the caller holds its lock); the catalogues it now reflects."""
+    """Bring ``warm`` up to date (the caller holds its lock); the catalogues it now reflects.
+
+    Changes go to a copy of the fleet that replaces the old one when complete, so concurrent
+    readers keep probing a whole snapshot meanwhile.
+    """
     if time.monotonic() - warm.checked_at < max_age_s:
         return warm.catalogues
     catalogues = store.catalogues()
     fleet = warm.fleet
-    for host in [h for h in fleet.hosts if h not in catalogues]:
-        fleet.remove(host)
+    gone = [h for h in fleet.hosts if h not in catalogues]
     stale = {h: c for h, c in catalogues.items() if fleet.tag(h) != _tag(c)}
-    if stale:
-        sketches = _fetch_sketches(store, stale)
-        fleet.put((host, sketches[host], _has_zero(c), _tag(c)) for host, c in stale.items())
-    warm.catalogues, warm.checked_at = catalogues, time.monotonic()
+    if gone or stale:
+        fleet = fleet.copy()
+        for host in gone:
+            fleet.remove(host)
+        if stale:
+            sketches = _fetch_sketches(store, stale)
+            fleet.put((host, sketches[host], _has_zero(c), _tag(c)) for host, c in stale.items())
+    details = {host: {"images": len(c.images), "size_bytes": sum(i.size_bytes for i in c.images)}
+               for host, c in catalogues.items()}
+    warm.fleet, warm.catalogues, warm.details, warm.checked_at = fleet, catalogues, details, time.monotonic()
     return catalogues
+
+
+def _snapshot(store: Store, max_age_s: float) -> tuple[FleetSketches, dict[str, Catalogue], dict[str, dict]]:
+    """A consistent (fleet, catalogues, details). When an update is due one thread does it; the
+    others go on with the current snapshot instead of queueing behind it (unless there is none yet)."""
+    warm = _warm(store)
+    if time.monotonic() - warm.checked_at >= max_age_s:
+        if warm.lock.acquire(blocking=warm.checked_at == float("-inf") or max_age_s == 0):
+            try:
+                _update(warm, store, max_age_s)
+            finally:
+                warm.lock.release()
+    return warm.fleet, warm.catalogues, warm.details
 
 
 def load_fleet(store: Store, max_age_s: float = 0.0) -> tuple[FleetSketches, dict[str, Catalogue]]:
@@ -113,24 +140,24 @@ def load_fleet(store: Store, max_age_s: float = 0.0) -> tuple[FleetSketches, dic
 
     Bringing it up to date reads every host's catalogue (one pipeline); a long-running caller (the
     HTTP service) may pass ``max_age_s`` to reuse a check younger than that instead. Another
-    thread may update the fleet later: to probe it concurrently use :func:`estimate_image`.
+    thread may replace the fleet later (updates never change a fleet in place, they swap in an
+updated copy), so a caller may keep probing the one it got.
     """
     warm = _warm(store)
     with warm.lock:
-        return warm.fleet, _update(warm, store, max_age_s)
+        catalogues = _update(warm, store, max_age_s)
+        return warm.fleet, catalogues
 
 
 def estimate_image(store: Store, query: RankQuery, max_age_s: float = 0.0
-                   ) -> tuple[FleetEstimate, ProbeSet, dict[str, Catalogue], float]:
-    """The estimate stage for ``query`` over the up-to-date warm fleet, under the fleet's lock:
-    ``(estimate, probes, catalogues, seconds spent probing)``."""
-    warm = _warm(store)
-    with warm.lock:
-        catalogues = _update(warm, store, max_age_s)
-        started = time.perf_counter()
-        probes = query.probes(min_shift=warm.fleet.min_shift)
-        estimate = warm.fleet.estimate(probes)
-        return estimate, probes, catalogues, time.perf_counter() - started
+                   ) -> tuple[FleetEstimate, ProbeSet, dict[str, Catalogue], float, dict[str, dict]]:
+    """The estimate stage for ``query`` over a consistent snapshot of the warm fleet (no lock held
+    while probing): ``(estimate, probes, catalogues, seconds spent probing, host details)``."""
+    fleet, catalogues, details = _snapshot(store, max_age_s)
+    started = time.perf_counter()
+    probes = query.probes(min_shift=fleet.min_shift)
+    estimate = fleet.estimate(probes)
+    return estimate, probes, catalogues, time.perf_counter() - started, details
 
 
 def forget_fleets() -> None:
@@ -179,11 +206,9 @@ def rank_image(store: Store, image: str | RankQuery, *, top: int = DEFAULT_TOP, 
     if query.block_size != index_block_size:
         raise BlockSizeMismatch("the index", index_block_size, query.block_size)
     query.require_data()
-    estimate, probes, catalogues, seconds = estimate_image(store, query, fleet_max_age_s)
+    estimate, probes, catalogues, seconds, details = estimate_image(store, query, fleet_max_age_s)
     if not catalogues:
         raise NotFound("the index has no hosts to rank: run `blocksketch index` on the hosts first")
-    details = {host: {"images": len(c.images), "size_bytes": sum(i.size_bytes for i in c.images)}
-               for host, c in catalogues.items()}
 
     def host_maps(host: str):
         try:

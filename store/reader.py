@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import atexit
 import os
+import threading
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -33,6 +35,45 @@ class _Swapped(Exception):
     """The catalogue changed while its entries were being read."""
 
 
+MAP_CACHE_BYTES = 256 << 20
+
+
+class _MapCache:
+    """Recently read block maps, least recently used dropped first, bounded by their bytes."""
+
+    def __init__(self, max_bytes: int = MAP_CACHE_BYTES):
+        self.max_bytes = max_bytes
+        self._maps: OrderedDict[tuple, BlockMap] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def _size(block_map: BlockMap) -> int:
+        return block_map.keys.nbytes + block_map.counts.nbytes + block_map.first.nbytes
+
+    def get(self, identity: tuple) -> BlockMap | None:
+        with self._lock:
+            found = self._maps.get(identity)
+            if found is not None:
+                self._maps.move_to_end(identity)
+            return found
+
+    def put(self, identity: tuple, block_map: BlockMap) -> None:
+        size = self._size(block_map)
+        if size > self.max_bytes // 4:  # one huge map would evict everything else
+            return
+        for array in (block_map.keys, block_map.counts, block_map.first):
+            array.flags.writeable = False  # shared between callers from now on
+        with self._lock:
+            if identity in self._maps:
+                return
+            self._maps[identity] = block_map
+            self._bytes += size
+            while self._bytes > self.max_bytes:
+                _, dropped = self._maps.popitem(last=False)
+                self._bytes -= self._size(dropped)
+
+
 class Store:
     """An open sketch index. Use :func:`store.open_store` to get one."""
 
@@ -41,6 +82,7 @@ class Store:
         self.url = url  # printable: never holds a password
         self.is_cluster = client.__class__.__name__ == "RedisCluster"
         self._embedded = embedded
+        self._map_cache = _MapCache()
         if embedded is not None:
             atexit.register(self.close)
 
@@ -166,9 +208,17 @@ class Store:
     # -- entries -------------------------------------------------------------------------------
 
     def _load_map(self, catalogue: Catalogue, entry: ImageEntry) -> BlockMap:
+        # Entries are never rewritten in place (a refresh writes a new generation), so a map read
+        # once stays true for its entry: a long-running reader (the service) keeps recent ones.
+        identity = (catalogue.host, entry.path, entry.generation, entry.indexed_at, entry.distinct)
+        cached = self._map_cache.get(identity)
+        if cached is not None:
+            return cached
         chunks = self._fetch(catalogue, entry.map_keys(catalogue.host), f"reading the block map of {entry.path}")
-        return decode_chunks(chunks, catalogue.block_size, entry.total_blocks, entry.zero_blocks, entry.distinct,
-                             f"index entry of {catalogue.host}:{entry.path}")
+        block_map = decode_chunks(chunks, catalogue.block_size, entry.total_blocks, entry.zero_blocks,
+                                  entry.distinct, f"index entry of {catalogue.host}:{entry.path}")
+        self._map_cache.put(identity, block_map)
+        return block_map
 
     def block_map(self, host: str, path: str) -> BlockMap:
         """The exact block map of one image, from Redis."""

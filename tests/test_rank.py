@@ -205,7 +205,9 @@ def test_warm_fleet_follows_refreshes_and_builds_missing_sketches(indexed, tmp_p
         monkeypatch.undo()
         assert RANK_SKETCH not in store.catalogue("old-4").sketches
         again, catalogues = load_fleet(store)
-        assert again is fleet and fleet.tag("lon-3") != before and "old-4" in fleet
+        assert again.tag("lon-3") != before and "old-4" in again
+        assert fleet.tag("lon-3") == before and "old-4" not in fleet  # updates swap in a copy
+        fleet = again
         maps = [m for _, m in store.host_block_maps("old-4")]
         built = RankSketch.from_block_maps(maps).resized(fleet.m_bits)
         assert np.array_equal(fleet.host_bits("old-4"), built.bits)

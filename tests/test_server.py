@@ -205,3 +205,11 @@ def test_block_size_mismatch_and_unknown_destination_are_4xx(service, fleet):
     image = f"origin:{os.path.realpath(fleet['source'])}"
     assert service.post("/v1/manifest", json={"image": image, "to": "nowhere"}).status_code == 404
     assert service.get("/v1/index").json()["block_size"] == 4096
+
+
+def test_405_lists_the_allowed_methods_and_exact_top_is_capped(service, fleet):
+    response = service.delete("/v1/hosts")
+    assert response.status_code == 405 and "GET" in response.headers["allow"]
+    image = f"origin:{os.path.realpath(fleet['source'])}"
+    assert service.post("/v1/rank", json={"image": image, "exact_top": 65}).status_code == 400
+    assert service.post("/v1/rank", json={"image": image, "top": 0}).status_code == 400
