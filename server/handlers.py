@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import base64
 import os
+import threading
+from collections import OrderedDict
 
 import numpy as np
 
@@ -11,7 +13,7 @@ from sketch.blockmap import key_digests
 from sketch.digests import DIGEST_SIZE
 from sketch.errors import ImageError, UsageError
 from sketch.rank import DEFAULT_EXACT_TOP, DEFAULT_TOP, RankQuery
-from store.ranking import rank_image
+from store.ranking import current_fleet, rank_image
 
 from .app import ServiceState, positive_int, string_field
 
@@ -82,6 +84,37 @@ def rank_query_to_body(query: RankQuery) -> dict:
             "counts": query.counts.astype("<u4").tobytes()}
 
 
+class AnswerCache:
+    """Rankings of indexed images, valid while the warm fleet is the same object.
+
+    Orchestrators ask about the same VM again and again; any refresh of any host replaces the warm
+    fleet (within ``FLEET_MAX_AGE_S``), so an answer is never older than one computed afresh.
+    """
+
+    def __init__(self, capacity: int = 1024):
+        self.capacity = capacity
+        self._answers: OrderedDict[tuple, tuple[object, dict]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple, fleet: object) -> dict | None:
+        with self._lock:
+            found = self._answers.get(key)
+            if found is None or found[0] is not fleet:
+                return None
+            self._answers.move_to_end(key)
+            return found[1]
+
+    def put(self, key: tuple, fleet: object, answer: dict) -> None:
+        with self._lock:
+            self._answers[key] = (fleet, answer)
+            self._answers.move_to_end(key)
+            while len(self._answers) > self.capacity:
+                self._answers.popitem(last=False)
+
+
+_answers = AnswerCache()
+
+
 def rank(state: ServiceState, params: dict, body: dict) -> dict:
     """Rank hosts for an indexed image (``"image": "HOST:PATH"``) or a client's query (digests + counts)."""
     top = positive_int(body, "top", DEFAULT_TOP)
@@ -92,9 +125,15 @@ def rank(state: ServiceState, params: dict, body: dict) -> dict:
     if not isinstance(exclude, list) or not all(isinstance(h, str) for h in exclude):
         raise UsageError("'exclude_hosts' must be a list of host names")
     if "digests" in body:
-        image: str | RankQuery = rank_query_from_body(body)
-    else:
-        image = string_field(body, "image")
-        split_image_name(image)
-    return rank_image(state.store, image, top=top, exact_top=exact_top, exclude_hosts=exclude,
-                      fleet_max_age_s=FLEET_MAX_AGE_S)
+        return rank_image(state.store, rank_query_from_body(body), top=top, exact_top=exact_top,
+                          exclude_hosts=exclude, fleet_max_age_s=FLEET_MAX_AGE_S)
+    image = string_field(body, "image")
+    split_image_name(image)
+    key = (state.store.url, image, top, exact_top, tuple(sorted(set(exclude))))
+    fleet = current_fleet(state.store, FLEET_MAX_AGE_S)
+    answer = _answers.get(key, fleet)
+    if answer is None:
+        answer = rank_image(state.store, image, top=top, exact_top=exact_top, exclude_hosts=exclude,
+                            fleet_max_age_s=FLEET_MAX_AGE_S)
+        _answers.put(key, fleet, answer)
+    return answer

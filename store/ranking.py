@@ -135,6 +135,11 @@ def _snapshot(store: Store, max_age_s: float) -> tuple[FleetSketches, dict[str, 
     return warm.fleet, warm.catalogues, warm.details
 
 
+def current_fleet(store: Store, max_age_s: float) -> FleetSketches:
+    """The warm fleet ranking would use now: a new object whenever any host's index changed."""
+    return _snapshot(store, max_age_s)[0]
+
+
 def load_fleet(store: Store, max_age_s: float = 0.0) -> tuple[FleetSketches, dict[str, Catalogue]]:
     """The warm fleet of ``store``'s index, brought up to date, and the catalogues it reflects.
 

@@ -213,3 +213,19 @@ def test_405_lists_the_allowed_methods_and_exact_top_is_capped(service, fleet):
     image = f"origin:{os.path.realpath(fleet['source'])}"
     assert service.post("/v1/rank", json={"image": image, "exact_top": 65}).status_code == 400
     assert service.post("/v1/rank", json={"image": image, "top": 0}).status_code == 400
+
+
+def test_a_refresh_reaches_the_next_ranking_within_a_second(service, fleet, redis_url):
+    image = f"origin:{os.path.realpath(fleet['source'])}"
+    first = service.post("/v1/rank", json={"image": image}).json()
+    assert service.post("/v1/rank", json={"image": image}).json() == first  # answered again, unchanged
+    os.remove(fleet["hosts"]["ams-1"][0])  # ams-1 keeps its less similar image only
+    result = run_cli("index", "--host", "ams-1", "--block-size", "4096", "--redis", redis_url,
+                     os.path.dirname(fleet["hosts"]["ams-1"][1]))
+    assert result.returncode == 0, result.stderr
+    time.sleep(1.2)
+    after = service.post("/v1/rank", json={"image": image}).json()
+    ams = [h for h in after["hosts"] if h["host"] == "ams-1"][0]
+    before = [h for h in first["hosts"] if h["host"] == "ams-1"][0]
+    assert ams["images"] == 1 and before["images"] == 2
+    assert ams["estimated_shared_ratio"] < before["estimated_shared_ratio"]
