@@ -102,3 +102,22 @@ def test_unreadable_image_is_a_clear_error(tmp_path):
         path = "/proc/1/mem"
     with pytest.raises(ImageError):
         digest_image(str(path))
+
+
+def test_the_hashlib_fallback_gives_the_same_digests(tmp_path, monkeypatch):
+    """Without the C extension (no compiler at install), digests come from hashlib in processes."""
+    import sketch.digests as digests_module
+
+    rng = np.random.default_rng(9)
+    blocks = rng.integers(0, 256, (80_000, 512), dtype=np.uint8)  # two 32 MiB tasks: the process pool runs
+    blocks[rng.random(80_000) < 0.3] = 0
+    path = tmp_path / "img"
+    path.write_bytes(blocks.tobytes() + b"\x05" * 100)
+    accelerated = digest_image(str(path), 512, workers=2)
+    monkeypatch.setattr(digests_module, "_blockhash", None)
+    monkeypatch.setattr(digests_module, "_pool", None)
+    for workers in (1, 2):
+        fallback = digest_image(str(path), 512, workers=workers)
+        assert np.array_equal(fallback.digests, accelerated.digests)
+        assert np.array_equal(fallback.zero, accelerated.zero)
+    assert digests_module._pool is not None  # the two-worker run went through the process pool
