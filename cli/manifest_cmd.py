@@ -9,9 +9,9 @@ import click
 
 from sketch.digests import data_bytes
 from sketch.errors import FormatError, UsageError
-from sketch.manifest import KIND_NAMES, LocalImage, Manifest
-from sketch.manifest_build import build_manifest
+from sketch.manifest import KIND_NAMES, Manifest
 from store import open_store
+from store.transfer import host_manifest
 
 from .common import (
     Progress,
@@ -31,16 +31,13 @@ from .common import (
 
 def manifest_from_store(store, image: str, host: str, block_size: int | None, progress: bool,
                         image_format: str | None = None) -> Manifest:
-    """Build the manifest of ``image`` (read as ``image_format``, None: detected) against every
-    image ``host`` has in the index."""
+    """:func:`store.transfer.host_manifest` with progress bars on a terminal."""
     block_size = store.check_block_size(block_size)
-    targets = [(LocalImage.from_info(info), block_map) for info, block_map in store.host_block_maps(host)]
-    total = data_bytes(image, block_size, image_format)
+    total = data_bytes(image, block_size, image_format) if progress else 0
     name = os.path.basename(image)
     with Progress(progress, total, f"digest {name}") as digest_bar, \
             Progress(progress, total, f"verify {name}") as seal_bar:
-        return build_manifest(os.path.abspath(image), host, targets, block_size,
-                              digest_progress=digest_bar, seal_progress=seal_bar, image_format=image_format)
+        return host_manifest(store, image, host, block_size, image_format, digest_bar, seal_bar)
 
 
 def manifest_from_service(server_url: str, token_file: str | None, image: str, host: str,

@@ -14,6 +14,7 @@ from sketch.digests import DIGEST_SIZE
 from sketch.errors import ImageError, UsageError
 from sketch.rank import DEFAULT_EXACT_TOP, DEFAULT_TOP, RankQuery
 from store.ranking import current_fleet, rank_image
+from store.transfer import host_manifest
 
 from .app import ServiceState, positive_int, string_field
 
@@ -28,8 +29,6 @@ def split_image_name(name: str) -> tuple[str, str]:
 
 def manifest(state: ServiceState, params: dict, body: dict) -> dict:
     """Manifest of an indexed image for a destination host; the image must be readable by the service."""
-    from cli.manifest_cmd import manifest_from_store
-
     source_host, path = split_image_name(string_field(body, "image"))
     destination = string_field(body, "to")
     include = body.get("include_manifest", False)
@@ -43,8 +42,7 @@ def manifest(state: ServiceState, params: dict, body: dict) -> dict:
                          f"({exc.strerror}); run `blocksketch manifest` on {source_host}") from None
     if (current.st_size, current.st_mtime_ns) != (info.size_bytes, info.mtime_ns):
         raise ImageError(f"image {info.path} changed since it was indexed; refresh the index of {source_host}")
-    built = manifest_from_store(state.store, info.path, destination, None, progress=False,
-                                image_format=info.image_format)
+    built = host_manifest(state.store, info.path, destination, image_format=info.image_format)
     data = built.to_bytes()
     result = {"image": f"{source_host}:{info.path}", "to": destination, "manifest_bytes": len(data), **built.summary()}
     if include:
