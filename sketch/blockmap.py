@@ -78,16 +78,35 @@ class BlockMap:
 
     @classmethod
     def from_digests(cls, image: ImageDigests) -> BlockMap:
-        nonzero_index = np.flatnonzero(~image.zero)
-        keys = digest_keys(image.digests[nonzero_index])
-        order = lexsort_keys(keys)
-        sorted_keys = keys[order]
-        starts = _run_starts(sorted_keys)
-        counts = np.diff(np.append(starts, len(sorted_keys))).astype(np.uint32)
-        # The sort is stable, so the first row of each run is the earliest block.
-        first = nonzero_index[order[starts]].astype(np.uint64)
-        return cls(image.block_size, image.total_blocks, image.zero_blocks,
-                   np.ascontiguousarray(sorted_keys[starts]), counts, first)
+        return index_digests(image).block_map
+
+
+@dataclass
+class IndexedDigests:
+    """An image's block map with, for every non-zero block, the row of its content in the map."""
+
+    block_map: BlockMap
+    nonzero: np.ndarray  # (m,) int64: the non-zero blocks, ascending
+    row: np.ndarray  # (m,) int64: row of block ``nonzero[i]`` in ``block_map.keys``
+
+
+def index_digests(image: ImageDigests) -> IndexedDigests:
+    """One sort of an image's digests, shared by its rank query and its manifest's plan."""
+    nonzero_index = np.flatnonzero(~image.zero)
+    keys = digest_keys(image.digests[nonzero_index])
+    order = lexsort_keys(keys)
+    sorted_keys = keys[order]
+    starts = _run_starts(sorted_keys)
+    counts = np.diff(np.append(starts, len(sorted_keys))).astype(np.uint32)
+    # The sort is stable, so the first row of each run is the earliest block.
+    first = nonzero_index[order[starts]].astype(np.uint64)
+    is_start = np.zeros(len(order), dtype=np.int64)
+    is_start[starts] = 1
+    row = np.empty(len(order), dtype=np.int64)
+    row[order] = np.cumsum(is_start) - 1
+    block_map = BlockMap(image.block_size, image.total_blocks, image.zero_blocks,
+                         np.ascontiguousarray(sorted_keys[starts]), counts, first)
+    return IndexedDigests(block_map, nonzero_index, row)
 
 
 def find_keys(sorted_keys: np.ndarray, queries: np.ndarray) -> np.ndarray:

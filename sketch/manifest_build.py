@@ -14,19 +14,22 @@ Three steps, all vectorised over blocks (Python loops run per run, never per blo
    block costs at most one group (< 2 MiB) to re-send;
 3. verify and seal (:func:`_seal`): one streaming read of the source computes the whole-image
    checksum and the SHA-256 of every verification group, and checks that the image did not
-   change since it was digested. Before that, every DUP block is compared byte for byte with the block it
-   copies, so an MD5 collision inside the source becomes a SEND block instead of a wrong copy.
+   change since it was digested (when the checksum came from the digests' own read, only the
+   LOCAL runs are read again, for the group hashes: :func:`group_hashes`). Before that, every
+   DUP block is compared byte for byte with the block it copies, so an MD5 collision inside the
+   source becomes a SEND block instead of a wrong copy.
 """
 
 from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 
-from .blockmap import BlockMap, digest_keys, find_keys, lexsort_keys
+from .blockmap import BlockMap, IndexedDigests, find_keys, index_digests
 from .blocks import DEFAULT_BLOCK_SIZE, ImageSource, check_block_size, open_image
 from .digests import DEFAULT_ALGORITHM, ImageDigests, digest_source
 from .errors import BlockSizeMismatch, ImageError
@@ -49,26 +52,24 @@ class BlockPlan:
     image: np.ndarray  # (n,) int32: LOCAL -> index of the local image; else -1
 
 
-def plan_blocks(source: ImageDigests, targets: list[BlockMap]) -> BlockPlan:
-    """Classify every block of ``source`` against the destination's block maps ``targets``."""
+def plan_blocks(source: ImageDigests, targets: list[BlockMap], indexed: IndexedDigests | None = None) -> BlockPlan:
+    """Classify every block of ``source`` against the destination's block maps ``targets``.
+
+    ``indexed``: :func:`sketch.blockmap.index_digests` of ``source``, when the caller has it.
+    """
     n = source.total_blocks
     kind = np.zeros(n, dtype=np.uint8)
     ref = np.full(n, -1, dtype=np.int64)
     image = np.full(n, -1, dtype=np.int32)
-    nonzero = np.flatnonzero(~source.zero)
+    if indexed is None:
+        indexed = index_digests(source)
+    nonzero = indexed.nonzero
     if len(nonzero) == 0:
         return BlockPlan(kind, ref, image)
-    keys = digest_keys(source.digests[nonzero])
-    order = lexsort_keys(keys)
-    sorted_keys = keys[order]
-    is_start = np.ones(len(order), dtype=bool)
-    is_start[1:] = np.any(sorted_keys[1:] != sorted_keys[:-1], axis=1)
-    starts = np.flatnonzero(is_start)
-    unique = np.ascontiguousarray(sorted_keys[starts])
-    group = np.empty(len(order), dtype=np.int64)
-    group[order] = np.cumsum(is_start) - 1  # group of every non-zero block, in block order
-    multiplicity = np.diff(np.append(starts, len(order)))
-    first_block = nonzero[order[starts]]  # stable sort: the earliest block of each content
+    unique = indexed.block_map.keys
+    group = indexed.row  # the content of every non-zero block, in block order
+    multiplicity = indexed.block_map.counts
+    first_block = indexed.block_map.first.astype(np.int64)  # the earliest block of each content
 
     # Try the image holding the most source blocks first.
     coverage = [int(multiplicity[find_keys(t.keys, unique) >= 0].sum()) for t in targets]
@@ -231,32 +232,56 @@ def build_manifest(image_path: str, host: str, targets: list[tuple[LocalImage, B
     The manifest describes the guest-visible bytes, so pack must read the image the same way.
     """
     check_block_size(block_size)
-    for info, block_map in targets:
-        if block_map.block_size != block_size:
-            raise BlockSizeMismatch(f"the index of {info.host} ({info.path})", block_map.block_size, block_size)
+    _check_targets(targets, block_size)
     source = open_image(image_path, image_format)
     try:
         digests = digest_source(source, block_size, algorithm, progress=digest_progress)
-        plan = plan_blocks(digests, [m for _, m in targets])
-        max_local = max(1, MAX_LOCAL_RUN_BYTES // block_size)
-        start, length = plan_runs(plan, max_local)
-        if _fix_dup_collisions(source, plan, start, length, block_size):
-            start, length = plan_runs(plan, max_local)
-        run_kind = plan.kind[start]
-        is_local = run_kind == LOCAL
-        group_runs = plan_groups(length[is_local], max(1, MAX_GROUP_BYTES // block_size))
-        checksum, hashes = _seal(source, digests.zero, start[is_local], length[is_local], group_runs, block_size,
-                                 seal_progress)
-        size_bytes = source.size_bytes
+        return manifest_from_digests(source, digests, host, targets, seal_progress=seal_progress,
+                                     source_path=image_path)
     finally:
         source.close()
+
+
+def manifest_from_digests(source: ImageSource, digests: ImageDigests, host: str,
+                          targets: list[tuple[LocalImage, BlockMap]],
+                          checksum: bytes | Callable[[], bytes] | None = None,
+                          seal_progress: Progress | None = None, source_path: str | None = None,
+                          indexed: IndexedDigests | None = None) -> Manifest:
+    """The manifest of an open ``source`` whose blocks were already digested (``digests``).
+
+    ``checksum`` is the whole-image checksum (or a callable returning it, asked last) when it was
+    computed from the image as the digests saw it (:class:`sketch.stream.ChecksumThread`): the
+    seal then reads only the LOCAL runs for their group hashes. Without it, one read of the whole
+    image computes both and checks that the zero blocks are still where the digests saw them.
+    ``indexed``: the digests' one sort (:func:`sketch.blockmap.index_digests`), when a rank query
+    already made it.
+    """
+    block_size = digests.block_size
+    _check_targets(targets, block_size)
+    if digests.size_bytes != source.size_bytes:
+        raise _changed(source.path)
+    plan = plan_blocks(digests, [m for _, m in targets], indexed)
+    max_local = max(1, MAX_LOCAL_RUN_BYTES // block_size)
+    start, length = plan_runs(plan, max_local)
+    if _fix_dup_collisions(source, plan, start, length, block_size):
+        start, length = plan_runs(plan, max_local)
+    run_kind = plan.kind[start]
+    is_local = run_kind == LOCAL
+    group_runs = plan_groups(length[is_local], max(1, MAX_GROUP_BYTES // block_size))
+    if checksum is None:
+        checksum, hashes = _seal(source, digests.zero, start[is_local], length[is_local], group_runs, block_size,
+                                 seal_progress)
+    else:
+        hashes = group_hashes(source, start[is_local], length[is_local], group_runs, block_size, seal_progress)
+        if callable(checksum):
+            checksum = checksum()
     # Keep only the images a LOCAL run uses, numbered in order of first use.
     used, local_image = np.unique(plan.image[start[is_local]], return_inverse=True)
     images = [LocalImage.from_info(targets[int(j)][0]) for j in used]
     return Manifest(
-        size_bytes=size_bytes,
+        size_bytes=source.size_bytes,
         block_size=block_size,
-        algorithm=algorithm,
+        algorithm=digests.algorithm,
         host=host,
         checksum=checksum,
         images=images,
@@ -267,9 +292,47 @@ def build_manifest(image_path: str, host: str, targets: list[tuple[LocalImage, B
         group_runs=group_runs,
         group_hash=hashes,
         dup_origin=plan.ref[start[run_kind == DUP]].astype(np.uint64),
-        source_path=image_path,
+        source_path=source_path if source_path is not None else source.path,
     )
 
 
-__all__ = ["MAX_LOCAL_RUN_BYTES", "BlockPlan", "build_manifest", "plan_blocks", "plan_groups",
-           "plan_runs"]
+def _check_targets(targets: list[tuple[LocalImage, BlockMap]], block_size: int) -> None:
+    for info, block_map in targets:
+        if block_map.block_size != block_size:
+            raise BlockSizeMismatch(f"the index of {info.host} ({info.path})", block_map.block_size, block_size)
+
+
+def group_hashes(source: ImageSource, local_start: np.ndarray, local_length: np.ndarray, group_runs: np.ndarray,
+                 block_size: int, progress: Progress | None = None) -> np.ndarray:
+    """The SHA-256 of every verification group's source bytes, reading only the LOCAL runs.
+
+    Groups hash on two threads for raw images (``hashlib`` and ``preadv`` release the GIL); a
+    qcow2 reader keeps caches, so it is read from one thread.
+    """
+    hashes = np.zeros((len(group_runs), GROUP_HASH_SIZE), dtype=np.uint8)
+    group_end = np.cumsum(group_runs.astype(np.int64))
+    group_begin = group_end - group_runs.astype(np.int64)
+    starts = local_start.tolist()
+    lengths = local_length.tolist()
+
+    def one(group: int) -> int:
+        digest = hashlib.sha256()
+        done = 0
+        for run in range(int(group_begin[group]), int(group_end[group])):
+            view = memoryview(bytearray(lengths[run] * block_size))
+            source.read_into(starts[run] * block_size, view)
+            digest.update(view)
+            done += len(view)
+        hashes[group] = np.frombuffer(digest.digest(), dtype=np.uint8)
+        return done
+
+    workers = 2 if getattr(source, "format", "") == "raw" else 1
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        for done in pool.map(one, range(len(group_runs))):
+            if progress:
+                progress(done)
+    return hashes
+
+
+__all__ = ["MAX_LOCAL_RUN_BYTES", "BlockPlan", "build_manifest", "group_hashes", "manifest_from_digests",
+           "plan_blocks", "plan_groups", "plan_runs"]
