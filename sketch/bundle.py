@@ -34,9 +34,9 @@ import msgpack
 import numpy as np
 import zstandard
 
-from .blocks import open_image
+from .blocks import ImageSource, open_image
 from .errors import BlocksketchError, FormatError, UsageError, VerificationError
-from .imagesum import TreeHasher, iter_segments
+from .imagesum import TreeHasher, iter_segments, segments_touched
 from .manifest import SEND, Manifest
 from .ranges import merge_ranges
 
@@ -82,6 +82,14 @@ def bundle_ranges(manifest: Manifest, ranges: tuple[np.ndarray, np.ndarray] | No
     return merge_ranges(*ranges)
 
 
+def bundle_header(manifest: Manifest, start: np.ndarray, count: np.ndarray, contents: str, level: int) -> dict:
+    return {"schema": SCHEMA, "version": VERSION, "manifest_id": manifest.manifest_id,
+            "block_size": manifest.block_size, "size_bytes": manifest.size_bytes, "contents": contents,
+            "ranges": b"" if contents == "send" else np.stack([start, count], axis=1).astype("<u8").tobytes(),
+            "blocks": int(count.sum()), "compression": "zstd", "level": level, "window_log": WINDOW_LOG,
+            "frame_bytes": FRAME_BYTES}
+
+
 def pack_bundle(image_path: str, manifest: Manifest, output: str, ranges: tuple[np.ndarray, np.ndarray] | None = None,
                 level: int = DEFAULT_LEVEL, progress: Progress | None = None,
                 image_format: str | None = None) -> BundleInfo:
@@ -97,35 +105,15 @@ def pack_bundle(image_path: str, manifest: Manifest, output: str, ranges: tuple[
     written but never the trailer: apply rejects such a truncated bundle ("is truncated") and
     writes no output.
     """
-    start, count = bundle_ranges(manifest, ranges)
-    total = manifest.total_blocks
-    if len(start) and int((start + count).max()) > total:
-        raise UsageError("ranges name blocks outside the image")
-    contents = "send" if ranges is None else "ranges"
-    header = {"schema": SCHEMA, "version": VERSION, "manifest_id": manifest.manifest_id,
-              "block_size": manifest.block_size, "size_bytes": manifest.size_bytes, "contents": contents,
-              "ranges": b"" if ranges is None else np.stack([start, count], axis=1).astype("<u8").tobytes(),
-              "blocks": int(count.sum()), "compression": "zstd", "level": level, "window_log": WINDOW_LOG,
-              "frame_bytes": FRAME_BYTES}
     stream = output == "-"
     temp = None
     if not stream:
         directory = os.path.dirname(os.path.abspath(output))
         temp = os.path.join(directory, f".{os.path.basename(output)}.tmp-{os.getpid()}")
     source = open_image(image_path, image_format)
-    # Read as another format than the manifest's, an image has other bytes: say so, not just "changed".
-    retry = f"rebuild the manifest, or pack with the --format it was built with (the image was read as {source.format})"
     try:
-        if source.size_bytes != manifest.size_bytes:
-            raise VerificationError(f"image {image_path} is {source.size_bytes} bytes but the manifest describes "
-                                    f"{manifest.size_bytes}; {retry}")
         with (contextlib.nullcontext(sys.stdout.buffer) if stream else open(temp, "wb")) as handle:
-            writer = _Writer(handle, header, level)
-            checksum = _stream_blocks(source, manifest.block_size, start, count, writer, progress)
-            if checksum != manifest.checksum:
-                raise VerificationError(f"image {image_path} no longer matches the manifest (its checksum differs); "
-                                        f"{retry}")
-            writer.finish()
+            info = write_bundle(handle, source, manifest, ranges, level, progress)
             handle.flush()
             if not stream:
                 os.fsync(handle.fileno())
@@ -142,20 +130,57 @@ def pack_bundle(image_path: str, manifest: Manifest, output: str, ranges: tuple[
                 os.unlink(temp)
             except FileNotFoundError:
                 pass
-    return BundleInfo(output, manifest.manifest_id, manifest.block_size, contents, start, count, int(count.sum()),
+    info.path = output
+    return info
+
+
+def write_bundle(handle: BinaryIO, source: ImageSource, manifest: Manifest,
+                 ranges: tuple[np.ndarray, np.ndarray] | None = None, level: int = DEFAULT_LEVEL,
+                 progress: Progress | None = None, verify_checksum: bool = True,
+                 before_trailer: Callable[[], None] | None = None) -> BundleInfo:
+    """Write the bundle of the open ``source`` for ``manifest`` into ``handle``.
+
+    With ``verify_checksum`` the whole image is read and its checksum compared with the
+    manifest's before the trailer is written (on a mismatch the bundle stays without trailer and
+    VerificationError is raised). Without it only the segments holding bundle blocks are read:
+    for a sender that computed the manifest's checksum from the same read as its digests moments
+    ago, and whose receiver checks the rebuilt image against that checksum anyway.
+    ``before_trailer`` runs last before the trailer: raising there leaves the bundle truncated.
+    """
+    start, count = bundle_ranges(manifest, ranges)
+    if len(start) and int((start + count).max()) > manifest.total_blocks:
+        raise UsageError("ranges name blocks outside the image")
+    contents = "send" if ranges is None else "ranges"
+    # Read as another format than the manifest's, an image has other bytes: say so, not just "changed".
+    retry = f"rebuild the manifest, or pack with the --format it was built with (the image was read as {source.format})"
+    if source.size_bytes != manifest.size_bytes:
+        raise VerificationError(f"image {source.path} is {source.size_bytes} bytes but the manifest describes "
+                                f"{manifest.size_bytes}; {retry}")
+    writer = _Writer(handle, bundle_header(manifest, start, count, contents, level), level)
+    checksum = _stream_blocks(source, manifest.block_size, start, count, writer, progress, verify_checksum)
+    if verify_checksum and checksum != manifest.checksum:
+        raise VerificationError(f"image {source.path} no longer matches the manifest (its checksum differs); "
+                                f"{retry}")
+    if before_trailer is not None:
+        before_trailer()
+    writer.finish()
+    return BundleInfo("", manifest.manifest_id, manifest.block_size, contents, start, count, int(count.sum()),
                       writer.bytes_written, writer.raw_bytes)
 
 
 def _stream_blocks(source, block_size: int, start: np.ndarray, count: np.ndarray, writer: _Writer,
-                   progress: Progress | None) -> bytes:
-    """Feed the blocks of the ranges to ``writer`` in order, checksumming the whole image on the way."""
+                   progress: Progress | None, checksum: bool = True) -> bytes | None:
+    """Feed the blocks of the ranges to ``writer`` in order; with ``checksum``, read every segment
+    and return the whole-image checksum, else read only the segments the ranges touch."""
     begin = (start * block_size).tolist()
     end = ((start + count) * block_size).tolist()
     at = 0
     threads = 1 if getattr(source, "format", "") == "raw" else 0
+    wanted = None if checksum else segments_touched(source.size_bytes, start, count, block_size)
     with TreeHasher(source.size_bytes, threads=threads) as tree:
-        for offset, length, data in iter_segments(source):
-            tree.add(length, data)
+        for offset, length, data in iter_segments(source, wanted):
+            if checksum:
+                tree.add(length, data)
             blocks = -(-length // block_size)
             segment_end = offset + blocks * block_size
             while at < len(begin) and begin[at] < segment_end:
@@ -172,7 +197,7 @@ def _stream_blocks(source, block_size: int, start: np.ndarray, count: np.ndarray
                 at += 1
             if progress and data is not None:
                 progress(length)
-        return tree.digest()
+        return tree.digest() if checksum else None
 
 
 class _Writer:

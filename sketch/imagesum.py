@@ -17,8 +17,11 @@ from __future__ import annotations
 
 import hashlib
 import struct
+import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
 
 from .blocks import ImageSource
 
@@ -27,6 +30,10 @@ CHECKSUM_ALGORITHM = "sha256-tree-4m"
 _DOMAIN = b"blocksketch sha256-tree v1\0"
 
 _zero_leaves: dict[int, bytes] = {}
+
+
+class ChecksumStopped(Exception):
+    """An image checksum was abandoned by its caller."""
 
 
 def zero_leaf(length: int) -> bytes:
@@ -39,6 +46,19 @@ def zero_leaf(length: int) -> bytes:
 
 def segment_count(size_bytes: int) -> int:
     return -(-size_bytes // SEGMENT_BYTES)
+
+
+def segments_touched(size_bytes: int, start, count, block_size: int):
+    """Ascending indices of the segments holding at least one block of the ranges ``(start, count)``."""
+    start = np.asarray(start, dtype=np.int64)
+    count = np.asarray(count, dtype=np.int64)
+    keep = count > 0
+    start, count = start[keep], count[keep]
+    marks = np.zeros(segment_count(size_bytes) + 1, dtype=np.int64)
+    if len(start):
+        np.add.at(marks, start * block_size // SEGMENT_BYTES, 1)
+        np.add.at(marks, ((start + count) * block_size - 1) // SEGMENT_BYTES + 1, -1)
+    return np.flatnonzero(np.cumsum(marks)[:-1] > 0)
 
 
 def root(size_bytes: int, leaves: list[bytes]) -> bytes:
@@ -62,16 +82,18 @@ def data_segments(source: ImageSource) -> list[bool]:
     return has_data
 
 
-def iter_segments(source: ImageSource) -> Iterator[tuple[int, int, memoryview | None]]:
+def iter_segments(source: ImageSource, wanted=None) -> Iterator[tuple[int, int, memoryview | None]]:
     """Yield ``(offset, length, data)`` per segment in order; ``data`` is None for a hole.
 
-    Each segment gets a fresh buffer, so a consumer may hand it to another thread.
+    ``wanted``: ascending segment indices to yield (default: all). Each segment gets a fresh
+    buffer, so a consumer may hand it to another thread.
     """
     size = source.size_bytes
-    for k, has_data in enumerate(data_segments(source)):
+    has_data = data_segments(source)
+    for k in range(len(has_data)) if wanted is None else (int(k) for k in wanted):
         offset = k * SEGMENT_BYTES
         length = min(SEGMENT_BYTES, size - offset)
-        if not has_data:
+        if not has_data[k]:
             yield offset, length, None
             continue
         buffer = memoryview(bytearray(length))
@@ -115,12 +137,15 @@ class TreeHasher:
         self.close()
 
 
-def image_checksum(source: ImageSource, threads: int = 2, progress: Callable[[int], None] | None = None) -> bytes:
-    """The whole-image checksum of ``source`` (holes are not read)."""
+def image_checksum(source: ImageSource, threads: int = 2, progress: Callable[[int], None] | None = None,
+                   stop: threading.Event | None = None) -> bytes:
+    """The whole-image checksum of ``source`` (holes are not read); ``stop`` abandons it (ChecksumStopped)."""
     size = source.size_bytes
     has_data = data_segments(source)
 
     def one(k: int) -> bytes:
+        if stop is not None and stop.is_set():
+            raise ChecksumStopped()
         offset = k * SEGMENT_BYTES
         length = min(SEGMENT_BYTES, size - offset)
         if not has_data[k]:
