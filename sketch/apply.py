@@ -1,20 +1,27 @@
 """Rebuilding an image on the destination from a manifest, its bundles and the host's own images.
 
-Order of work, all into a temporary file next to the output (``.NAME.blocksketch-partial-PID``):
+What is written, all into a temporary file next to the output (``.NAME.blocksketch-partial-PID``):
 
-1. every bundle's blocks are written where they belong (bundle blocks take precedence over
-   LOCAL copies: that is how a re-sent range repairs a stale local image);
-2. every LOCAL run is read from the local image *the destination's index lists* (resolved by
-   :func:`resolve_local_sources`, never by a path taken from the manifest alone; read as the
-   format the index recorded, raw or qcow2), its
-   verification group checked against the group's SHA-256 from the manifest, and only then
-   written; groups that fail are collected, and
-   if there are any, apply stops, removes the temp file and writes a ranges file naming the blocks
-   it still needs (``blocksketch pack IMAGE MANIFEST --ranges FILE`` turns it into a bundle);
-3. DUP runs are copied from the SEND blocks already in the file;
-4. the file is cut to the exact size (ZERO runs stay holes), synced, and its whole-image
-   checksum compared with the manifest's; only then is it renamed to the output (after an
-   optional ``qemu-img convert`` to qcow2, itself checked with ``qemu-img compare``).
+- every bundle's blocks, where they belong (bundle blocks take precedence over LOCAL copies:
+  that is how a re-sent range repairs a stale local image);
+- every LOCAL run, read from the local image *the destination's index lists* (resolved by
+  :func:`resolve_local_sources`, never by a path taken from the manifest alone; read as the
+  format the index recorded, raw or qcow2), written only once its verification group matched
+  the group's SHA-256 from the manifest. Groups that fail are collected, and if there are any,
+  apply stops, removes the temp file and writes a ranges file naming the blocks it still needs
+  (``blocksketch pack IMAGE MANIFEST --ranges FILE`` turns it into a bundle);
+- every DUP run, copied from the SEND blocks already in the file.
+
+Then the file is cut to the exact size (ZERO runs stay holes), synced, and its whole-image
+checksum compared with the manifest's; only then is it renamed to the output (after an optional
+``qemu-img convert`` to qcow2, itself checked with ``qemu-img compare``).
+
+With one bundle of SEND blocks (``pack``'s, or a migration stream's) nothing is written twice, so
+the work overlaps the bundle's arrival: LOCAL groups are copied on a second thread while the
+bundle is read, DUP runs are copied as soon as the bundle has passed them, and every 4 MiB
+segment of the checksum is hashed (from the page cache) as soon as nothing more will be written
+to it. What is left when the last bundle byte arrives is the tail of that work and the sync.
+With several bundles (a repair) the steps run one after another: bundles, LOCAL, DUP, checksum.
 
 A crash leaves only the clearly named temp file, which the next apply to the same output removes.
 """
@@ -26,16 +33,18 @@ import hashlib
 import os
 import shutil
 import subprocess
+import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from .blocks import ImageSource, RawImage, open_image
-from .bundle import open_bundle
+from .blocks import ImageSource, open_image
+from .bundle import BundleReader, open_bundle
 from .errors import ImageError, NotFound, UsageError, VerificationError
-from .imagesum import image_checksum
-from .manifest import DUP, LOCAL, SEND, Manifest
+from .imagesum import SEGMENT_BYTES, leaf, root, segment_count, segments_touched, zero_leaf
+from .manifest import DUP, LOCAL, SEND, ZERO, Manifest
 from .pids import pid_alive
 from .ranges import mask_ranges, merge_ranges, ranges_mask, write_ranges_file
 
@@ -49,16 +58,19 @@ Progress = Callable[[int], None]
 class MissingBlocks(VerificationError):
     """Some LOCAL runs failed their strong-hash check; the blocks must be sent after all."""
 
-    def __init__(self, start: np.ndarray, count: np.ndarray, ranges_file: str, block_size: int):
+    def __init__(self, start: np.ndarray, count: np.ndarray, ranges_file: str, block_size: int,
+                 advice: str | None = None):
         self.start, self.count, self.ranges_file = start, count, ranges_file
         shown = ", ".join(f"{s}+{c}" for s, c in zip(start[:5].tolist(), count[:5].tolist()))
         more = f" and {len(start) - 5} more" if len(start) > 5 else ""
         blocks = int(count.sum())
+        advice = advice or (f"on the source run `blocksketch pack IMAGE MANIFEST --ranges "
+                            f"{os.path.basename(ranges_file)} -o EXTRA`, then apply again with EXTRA as an extra "
+                            "bundle")
         super().__init__(
             f"{blocks} local block(s) ({blocks * block_size} bytes) did not match the source "
             f"(stale index or hash collision): ranges {shown}{more} (start+blocks); no output written. "
-            f"Ranges saved to {ranges_file}: on the source run `blocksketch pack IMAGE MANIFEST --ranges "
-            f"{os.path.basename(ranges_file)} -o EXTRA`, then apply again with EXTRA as an extra bundle")
+            f"Ranges saved to {ranges_file}: {advice}")
 
 
 @dataclass
@@ -67,6 +79,7 @@ class ApplyResult:
     size_bytes: int
     blocks: dict[str, int] = field(default_factory=dict)  # blocks written per source: bundle, local, dup
     local_bytes_read: int = 0
+    missing: tuple[np.ndarray, np.ndarray] | None = None  # ranges of LOCAL blocks that failed verification
 
 
 def resolve_local_images(manifest: Manifest, host: str, lookup: Callable[[str, str], object]) -> list[str]:
@@ -129,13 +142,14 @@ def default_ranges_file(output: str) -> str:
     return os.path.abspath(output) + ".missing-ranges.json"
 
 
-def apply_manifest(manifest: Manifest, bundles: list[str], output: str, local_paths: list[str],
+def apply_manifest(manifest: Manifest, bundles: list[str | BundleReader], output: str, local_paths: list[str],
                    force: bool = False, output_format: str = "raw", ranges_file: str | None = None,
                    progress: Progress | None = None,
                    local_formats: list[str | None] | None = None) -> ApplyResult:
     """Rebuild the manifest's image at ``output``; see the module docstring for the guarantees.
 
-    ``local_paths`` come from :func:`resolve_local_images` (one per ``manifest.images``);
+    ``bundles``: paths (``-`` for stdin) or readers already positioned at a bundle (a migration
+    stream's). ``local_paths`` come from :func:`resolve_local_images` (one per ``manifest.images``);
     ``local_formats``, one per path, from :func:`resolve_local_sources` (None: detect by magic).
     """
     if output_format not in OUTPUT_FORMATS:
@@ -147,7 +161,7 @@ def apply_manifest(manifest: Manifest, bundles: list[str], output: str, local_pa
         raise UsageError("one format (or None) per local path is needed")
     if not bundles:
         raise UsageError("at least one bundle is needed")
-    if bundles.count("-") > 1:
+    if sum(1 for b in bundles if b == "-") > 1:
         raise UsageError("only one bundle can come from stdin")
     output = os.path.abspath(output)
     if os.path.isdir(output):
@@ -163,32 +177,29 @@ def apply_manifest(manifest: Manifest, bundles: list[str], output: str, local_pa
     handles = []
     try:
         readers = []
-        for path in bundles:
-            handle, reader = open_bundle(path, manifest)
+        for bundle in bundles:
+            if isinstance(bundle, BundleReader):
+                readers.append(bundle)
+                continue
+            handle, reader = open_bundle(bundle, manifest)
             handles.append(handle)
             readers.append(reader)
         covered = _check_coverage(manifest, readers)
         fd = os.open(temp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
         try:
             result = ApplyResult(output, manifest.size_bytes)
-            result.blocks["bundle"] = _write_bundles(fd, manifest, readers, progress)
-            for handle in handles:
-                handle.close()
-            handles.clear()
-            result.blocks["local"], result.local_bytes_read, missing = _write_local(
-                fd, manifest, local_paths, local_formats, covered, progress)
-            if len(missing[0]):
-                write_ranges_file(ranges_file, manifest.manifest_id, manifest.block_size, *missing)
-                raise MissingBlocks(*missing, ranges_file, manifest.block_size)
-            result.blocks["dup"] = _copy_dups(fd, manifest, progress)
-            os.ftruncate(fd, manifest.size_bytes)
-            os.fsync(fd)
+            checksum = _Rebuild(fd, manifest, readers, covered, local_paths, local_formats, progress).run(result)
         finally:
             os.close(fd)
-        with RawImage(temp) as rebuilt:
-            if image_checksum(rebuilt) != manifest.checksum:
-                raise VerificationError("the rebuilt image does not match the manifest's checksum; no output "
-                                        "written (wrong bundle, or the source changed after packing)")
+        for handle in handles:
+            handle.close()
+        handles.clear()
+        if result.missing is not None:
+            write_ranges_file(ranges_file, manifest.manifest_id, manifest.block_size, *result.missing)
+            raise MissingBlocks(*result.missing, ranges_file, manifest.block_size)
+        if checksum != manifest.checksum:
+            raise VerificationError("the rebuilt image does not match the manifest's checksum; no output "
+                                    "written (wrong bundle, or the source changed after packing)")
         final = temp
         if output_format == "qcow2":
             _to_qcow2(temp, converted)
@@ -228,70 +239,270 @@ def _check_coverage(manifest: Manifest, readers) -> np.ndarray:
     return covered
 
 
-def _write_bundles(fd: int, manifest: Manifest, readers, progress: Progress | None) -> int:
-    block_size = manifest.block_size
-    written = 0
-    for reader in readers:
-        for first, data in reader.placed():
-            _pwrite_all(fd, data, first * block_size)
-            written += len(data) // block_size
-            if progress:
-                progress(len(data))
-    return written
+class _Rebuild:
+    """Writes every block of the image into ``fd`` and returns its whole-image checksum."""
+
+    def __init__(self, fd: int, manifest: Manifest, readers: list[BundleReader], covered: np.ndarray,
+                 local_paths: list[str], local_formats: list[str | None], progress: Progress | None):
+        self.fd = fd
+        self.manifest = manifest
+        self.readers = readers
+        self.covered = covered
+        self.local_paths = local_paths
+        self.local_formats = local_formats
+        self._progress = progress
+        self._progress_lock = threading.Lock()
+        self.block_size = manifest.block_size
+        start, length = (a.astype(np.int64) for a in manifest.runs_of(LOCAL))
+        self.local_start, self.local_length = start, length
+        covered_before = np.concatenate(([0], np.cumsum(covered, dtype=np.int64)))
+        self.covered_count = covered_before[start + length] - covered_before[start]
+        self.group_end = np.cumsum(manifest.group_runs.astype(np.int64))
+        self.group_begin = self.group_end - manifest.group_runs.astype(np.int64)
+        needed = (self.covered_count < length).astype(np.int64)
+        # Groups wholly covered by bundles need no local read at all.
+        self.todo = (np.flatnonzero(np.add.reduceat(needed, self.group_begin) > 0) if len(self.group_begin)
+                     else self.group_begin).tolist()
+        dup_start, dup_length = manifest.runs_of(DUP)
+        self.dup_start = dup_start.astype(np.int64).tolist()
+        self.dup_end = (dup_start + dup_length).astype(np.int64).tolist()
+        self.dup_origin = manifest.dup_origin.astype(np.int64).tolist()
+        self.next_dup = 0
+        self.dup_blocks = 0
+        # Overlap only when no block is written twice: one bundle, none of whose blocks are LOCAL.
+        self.overlap = len(readers) == 1 and not self.covered_count.any()
+        self.segments = _SegmentHasher(fd, manifest, covered, incremental=self.overlap)
+        self.cancel = threading.Event()
+
+    def run(self, result: ApplyResult) -> bytes:
+        counts = {"bundle": 0, "local": 0, "dup": 0}
+        try:
+            if self.overlap:
+                local = _Worker(self._write_local, name="blocksketch-local-copies", on_error=self.cancel.set)
+                try:
+                    counts["bundle"] = self._write_bundles()
+                except BaseException:
+                    self.cancel.set()
+                    local.join()
+                    raise
+                counts["local"], read, missing = local.value()
+            else:
+                counts["bundle"] = self._write_bundles()
+                counts["local"], read, missing = self._write_local()
+            if missing is None:
+                self._copy_dups(self.manifest.total_blocks)
+                counts["dup"] = self.dup_blocks
+                self.segments.advance("bundle", self.manifest.total_blocks)
+                os.ftruncate(self.fd, self.manifest.size_bytes)
+                os.fsync(self.fd)
+                checksum = self.segments.finish()
+            else:
+                checksum = b""
+        finally:
+            self.cancel.set()
+            self.segments.close()
+        result.blocks.update(counts)
+        result.local_bytes_read = read
+        result.missing = missing
+        return checksum
+
+    def _report(self, done: int) -> None:
+        if self._progress:
+            with self._progress_lock:
+                self._progress(done)
+
+    def _write_bundles(self) -> int:
+        block_size = self.block_size
+        written = 0
+        for reader in self.readers:
+            for first, data in reader.placed():
+                if self.cancel.is_set():
+                    return written  # the local copies failed: their error is raised instead
+                _pwrite_all(self.fd, data, first * block_size)
+                blocks = len(data) // block_size
+                written += blocks
+                self._report(len(data))
+                if self.overlap:
+                    # Pieces arrive in block order: every SEND block before ``end`` is in the file.
+                    end = first + blocks
+                    self._copy_dups(end)
+                    pending = self.dup_start[self.next_dup] if self.next_dup < len(self.dup_start) else end
+                    self.segments.advance("bundle", min(end, pending))
+        return written
+
+    def _copy_dups(self, until_block: int) -> None:
+        """Copy the DUP runs not copied yet that end at or before ``until_block``."""
+        block_size = self.block_size
+        per_piece = max(1, COPY_BYTES // block_size)
+        while self.next_dup < len(self.dup_start) and self.dup_end[self.next_dup] <= until_block:
+            first, origin = self.dup_start[self.next_dup], self.dup_origin[self.next_dup]
+            count = self.dup_end[self.next_dup] - first
+            for done in range(0, count, per_piece):
+                n = min(per_piece, count - done)
+                data = os.pread(self.fd, n * block_size, (origin + done) * block_size)
+                if len(data) != n * block_size:
+                    raise ImageError("cannot re-read the partial output")
+                _pwrite_all(self.fd, data, (first + done) * block_size)
+            self.dup_blocks += count
+            self.next_dup += 1
+            self._report(count * block_size)
+
+    def _write_local(self) -> tuple[int, int, tuple[np.ndarray, np.ndarray] | None]:
+        """Verify and write every LOCAL verification group; return (blocks written, bytes read, failed ranges)."""
+        block_size = self.block_size
+        manifest = self.manifest
+        start, length, covered = self.local_start, self.local_length, self.covered
+        sources: dict[int, ImageSource] = {}
+        failed: list[tuple[int, int]] = []
+        written = 0
+        read = 0
+        todo = self.todo
+        self.segments.advance("local", self._group_first_block(todo, 0))
+        try:
+            for position, group in enumerate(todo):
+                if self.cancel.is_set():
+                    break
+                pieces = []
+                digest = hashlib.sha256()
+                for run in range(int(self.group_begin[group]), int(self.group_end[group])):
+                    first, count = int(start[run]), int(length[run])
+                    image = int(manifest.local_image[run])
+                    source = sources.get(image)
+                    if source is None:
+                        source = sources[image] = _open_local(self.local_paths[image], self.local_formats[image])
+                    view = memoryview(bytearray(count * block_size))
+                    source.read_into(int(manifest.local_block[run]) * block_size, view)
+                    read += len(view)
+                    if self.covered_count[run]:
+                        # Part of the run came in a bundle: verify the run as it will be written.
+                        for a, n in zip(*mask_ranges(covered[first : first + count])):
+                            got = os.preadv(self.fd, [view[a * block_size : (a + n) * block_size]],
+                                            (first + a) * block_size)
+                            if got != n * block_size:
+                                raise ImageError("cannot re-read the partial output")
+                    digest.update(view)
+                    pieces.append((first, count, view))
+                if digest.digest() != manifest.group_hash[group].tobytes():
+                    failed.extend((first, count) for first, count, _ in pieces)
+                else:
+                    for first, count, view in pieces:
+                        _pwrite_all(self.fd, view, first * block_size)
+                        written += count
+                        self._report(len(view))
+                self.segments.advance("local", self._group_first_block(todo, position + 1))
+        finally:
+            for source in sources.values():
+                source.close()
+        if failed:
+            pairs = np.array(failed, dtype=np.int64)
+            return written, read, merge_ranges(pairs[:, 0], pairs[:, 1])
+        return written, read, None
+
+    def _group_first_block(self, todo: list[int], position: int) -> int:
+        """The first block of the ``position``-th group to copy (the image's end after the last)."""
+        if position >= len(todo):
+            return self.manifest.total_blocks
+        return int(self.local_start[self.group_begin[todo[position]]])
 
 
-def _write_local(fd: int, manifest: Manifest, local_paths: list[str], local_formats: list[str | None],
-                 covered: np.ndarray, progress: Progress | None) -> tuple[int, int, tuple[np.ndarray, np.ndarray]]:
-    """Verify and write every LOCAL verification group; return (blocks written, bytes read, failed ranges)."""
-    block_size = manifest.block_size
-    start, length = (a.astype(np.int64) for a in manifest.runs_of(LOCAL))
-    covered_before = np.concatenate(([0], np.cumsum(covered, dtype=np.int64)))
-    covered_count = covered_before[start + length] - covered_before[start]
-    group_end = np.cumsum(manifest.group_runs.astype(np.int64))
-    group_begin = group_end - manifest.group_runs.astype(np.int64)
-    needed = (covered_count < length).astype(np.int64)
-    # Groups wholly covered by bundles need no local read at all.
-    todo = np.flatnonzero(np.add.reduceat(needed, group_begin) > 0) if len(group_begin) else group_begin
-    sources: dict[int, ImageSource] = {}
-    failed: list[tuple[int, int]] = []
-    written = 0
-    read = 0
-    try:
-        for group in todo.tolist():
-            pieces = []
-            digest = hashlib.sha256()
-            for run in range(int(group_begin[group]), int(group_end[group])):
-                first, count = int(start[run]), int(length[run])
-                image = int(manifest.local_image[run])
-                source = sources.get(image)
-                if source is None:
-                    source = sources[image] = _open_local(local_paths[image], local_formats[image])
-                view = memoryview(bytearray(count * block_size))
-                source.read_into(int(manifest.local_block[run]) * block_size, view)
-                read += len(view)
-                if covered_count[run]:
-                    # Part of the run came in a bundle: verify the run as it will be written.
-                    for a, n in zip(*mask_ranges(covered[first : first + count])):
-                        got = os.preadv(fd, [view[a * block_size : (a + n) * block_size]], (first + a) * block_size)
-                        if got != n * block_size:
-                            raise ImageError("cannot re-read the partial output")
-                digest.update(view)
-                pieces.append((first, count, view))
-            if digest.digest() != manifest.group_hash[group].tobytes():
-                failed.extend((first, count) for first, count, _ in pieces)
-                continue
-            for first, count, view in pieces:
-                _pwrite_all(fd, view, first * block_size)
-                written += count
-                if progress:
-                    progress(len(view))
-    finally:
-        for source in sources.values():
-            source.close()
-    if failed:
-        pairs = np.array(failed, dtype=np.int64)
-        return written, read, merge_ranges(pairs[:, 0], pairs[:, 1])
-    return written, read, (np.zeros(0, np.int64), np.zeros(0, np.int64))
+class _Worker:
+    """A function on its own thread, its value or exception handed back by :meth:`value`."""
+
+    def __init__(self, function: Callable[[], object], name: str, on_error: Callable[[], None]):
+        self._result: list = []
+        self._error: list[BaseException] = []
+
+        def body() -> None:
+            try:
+                self._result.append(function())
+            except BaseException as exc:  # re-raised in the caller's thread
+                self._error.append(exc)
+                on_error()
+
+        self._thread = threading.Thread(target=body, name=name, daemon=True)
+        self._thread.start()
+
+    def join(self) -> None:
+        self._thread.join()
+
+    def value(self):
+        self._thread.join()
+        if self._error:
+            raise self._error[0]
+        return self._result[0]
+
+
+class _SegmentHasher:
+    """The whole-image checksum (sketch.imagesum) of the file being rebuilt, read back from it.
+
+    With ``incremental``, the writers report how far they got (``advance``: below that block they
+    will write nothing more) and each segment is hashed on a helper thread as soon as both have
+    passed it, while the rebuild goes on; otherwise everything is hashed in :meth:`finish`.
+    Segments that no run and no bundle writes to are holes: their leaf is known without a read.
+    """
+
+    def __init__(self, fd: int, manifest: Manifest, covered: np.ndarray, incremental: bool):
+        self.fd = fd
+        self.size_bytes = manifest.size_bytes
+        self.count = segment_count(self.size_bytes)
+        self.blocks_per_segment = SEGMENT_BYTES // manifest.block_size
+        has_data = np.zeros(self.count, dtype=bool)
+        data_runs = manifest.run_kind != ZERO
+        has_data[segments_touched(self.size_bytes, manifest.run_start[data_runs].astype(np.int64),
+                                  manifest.run_length[data_runs].astype(np.int64), manifest.block_size)] = True
+        has_data[segments_touched(self.size_bytes, *mask_ranges(covered), manifest.block_size)] = True
+        self.has_data = has_data.tolist()
+        self.total_blocks = manifest.total_blocks
+        self._positions = {"local": 0, "bundle": 0}
+        self._next = 0
+        self._leaves: list = [None] * self.count
+        self._lock = threading.Lock()
+        self._pool = (ThreadPoolExecutor(max_workers=1, thread_name_prefix="blocksketch-checksum") if incremental
+                      else None)
+
+    def advance(self, writer: str, block: int) -> None:
+        if self._pool is None:
+            return
+        with self._lock:
+            self._positions[writer] = max(self._positions[writer], block)
+            frontier = min(self._positions.values())
+            ready = self.count if frontier >= self.total_blocks else frontier // self.blocks_per_segment
+            while self._next < ready:
+                self._leaves[self._next] = self._pool.submit(self._leaf, self._next)
+                self._next += 1
+
+    def _leaf(self, k: int) -> bytes:
+        offset = k * SEGMENT_BYTES
+        length = min(SEGMENT_BYTES, self.size_bytes - offset)
+        if not self.has_data[k]:
+            return zero_leaf(length)
+        buffer = memoryview(bytearray(length))
+        done = 0
+        while done < length:
+            got = os.preadv(self.fd, [buffer[done:]], offset + done)
+            if got == 0:
+                break  # past the end of the file so far: zeros, as the final truncate makes them
+            done += got
+        digest = leaf(length, buffer)
+        if self._pool is not None and hasattr(os, "posix_fadvise"):
+            # Nothing writes to this segment any more: start its writeback now (DONTNEED submits
+            # the dirty pages without waiting), so the final fsync finds little left to write.
+            os.posix_fadvise(self.fd, offset, length, os.POSIX_FADV_DONTNEED)
+        return digest
+
+    def finish(self) -> bytes:
+        """The checksum, once every block is written and the file has its final size."""
+        remaining = [k for k in range(self.count) if self._leaves[k] is None]
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            for k, value in zip(remaining, pool.map(self._leaf, remaining)):
+                self._leaves[k] = value
+        leaves = [x if isinstance(x, bytes) else x.result() for x in self._leaves]
+        return root(self.size_bytes, leaves)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
 
 
 def _open_local(path: str, image_format: str | None) -> ImageSource:
