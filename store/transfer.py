@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
+from sketch.blockmap import index_digests
+from sketch.blocks import ImageSource, open_image
+from sketch.digests import digest_source
 from sketch.manifest import LocalImage, Manifest
-from sketch.manifest_build import build_manifest
+from sketch.manifest_build import build_manifest, manifest_from_digests
+from sketch.rank import DEFAULT_EXACT_TOP, DEFAULT_TOP, RankQuery
+from sketch.stream import ChecksumThread, image_stamp
 
+from .ranking import rank_image
 from .reader import Store
 
 Progress = Callable[[int], None]
@@ -22,3 +30,67 @@ def host_manifest(store: Store, image: str, host: str, block_size: int | None = 
     targets = [(LocalImage.from_info(info), block_map) for info, block_map in store.host_block_maps(host)]
     return build_manifest(os.path.abspath(image), host, targets, block_size, digest_progress=digest_progress,
                           seal_progress=seal_progress, image_format=image_format)
+
+
+@dataclass
+class Outgoing:
+    """What ``send`` streams: the manifest, the open source it was built from, and why that host."""
+
+    manifest: Manifest
+    source: ImageSource
+    stamp: tuple[int, int, int]  # sketch.stream.image_stamp before the image was read
+    ranking: dict | None  # rank's answer when the host was chosen by ranking
+    seconds: dict[str, float]  # wall time of each step: digest, rank, manifest
+
+    def close(self) -> None:
+        self.source.close()
+
+
+def prepare_send(store: Store, image: str, host: str | None = None, *, block_size: int | None = None,
+                 image_format: str | None = None, top: int = DEFAULT_TOP, exact_top: int = DEFAULT_EXACT_TOP,
+                 exclude_hosts: tuple[str, ...] | list[str] = (), digest_progress: Progress | None = None,
+                 seal_progress: Progress | None = None) -> Outgoing:
+    """Read ``image`` once and build its manifest for ``host``, or for rank's winner when None.
+
+    The digests rank the fleet and plan the manifest (sorted once for both); the whole-image
+    checksum is computed on a second thread while rank and the plan, mostly one core's work, run
+    (:class:`sketch.stream.ChecksumThread`); the seal then reads just the LOCAL runs again.
+    """
+    block_size = store.check_block_size(block_size)
+    path = os.path.abspath(image)
+    stamp = image_stamp(path)
+    source = open_image(path, image_format)
+    checksum = None
+    clock = _Clock()
+    try:
+        digests = digest_source(source, block_size, progress=digest_progress)
+        checksum = ChecksumThread(source)
+        indexed = index_digests(digests)
+        clock.lap("digest")
+        ranking = None
+        if host is None:
+            ranking = rank_image(store, RankQuery.from_block_map(indexed.block_map, image), top=top,
+                                 exact_top=exact_top, exclude_hosts=exclude_hosts, block_size=block_size)
+            host = ranking["winner"]
+            clock.lap("rank")
+        targets = [(LocalImage.from_info(info), block_map) for info, block_map in store.host_block_maps(host)]
+        manifest = manifest_from_digests(source, digests, host, targets, checksum=checksum.result,
+                                         seal_progress=seal_progress, source_path=path, indexed=indexed)
+        clock.lap("manifest")
+    except BaseException:
+        if checksum is not None:
+            checksum.cancel()
+        source.close()
+        raise
+    return Outgoing(manifest, source, stamp, ranking, clock.laps)
+
+
+class _Clock:
+    def __init__(self):
+        self.laps: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.laps[name] = round(now - self._last, 3)
+        self._last = now
