@@ -10,7 +10,22 @@ from sketch.errors import BlocksketchError
 
 
 class BlocksketchGroup(click.Group):
-    """Maps library errors to one-line messages: exit 2 for usage errors, 1 for failures."""
+    """Maps library errors to one-line messages: exit 2 for usage errors, 1 for failures.
+
+    A command's module is imported only when that command runs (or --help lists them all), so a
+    command starts without importing the others' dependencies (matplotlib, the HTTP stack).
+    """
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*self.commands, *_command_modules()})
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name not in self.commands:
+            module = _command_modules().get(name)
+            if module is None:
+                return None
+            self.add_command(_load(name, module))
+        return self.commands[name]
 
     def invoke(self, ctx: click.Context):
         try:
@@ -55,16 +70,20 @@ def main(ctx: click.Context, debug: bool) -> None:
     ctx.obj["debug"] = debug
 
 
-def _register() -> None:
-    """Add every ``cli/*_cmd.py`` module's ``command``: one small module per command."""
-    import importlib
+def _command_modules() -> dict[str, str]:
+    """Command name -> module, from the ``cli/*_cmd.py`` files: one small module per command."""
     import pkgutil
 
     from . import __path__ as package_path
 
-    for info in sorted(pkgutil.iter_modules(package_path), key=lambda i: i.name):
-        if info.name.endswith("_cmd"):
-            main.add_command(importlib.import_module(f"{__package__}.{info.name}").command)
+    return {info.name[: -len("_cmd")].replace("_", "-"): f"{__package__}.{info.name}"
+            for info in pkgutil.iter_modules(package_path) if info.name.endswith("_cmd")}
 
 
-_register()
+def _load(name: str, module: str) -> click.Command:
+    import importlib
+
+    command = importlib.import_module(module).command
+    if command.name != name:  # the module's file name is its command's name
+        raise RuntimeError(f"{module} defines command {command.name!r}, not {name!r}")
+    return command
