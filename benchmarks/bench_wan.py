@@ -63,9 +63,13 @@ PAIRS = [
     {"name": "two images", "source": "bookworm-web.raw",
      "hosts": {DEST_HOST: ["bookworm-min.raw", "bookworm-web-btrfs.raw"], "dc2-b": ["trixie-web.raw"]}},
 ]
-METHODS = ["ours-dst", "ours-dst0", "ours-src", "ours-src0", "ours-srcfile", "plain", "zstd", "rsync", "rsync-fuzzy",
-           "rsync-basis"]
+METHODS = ["ours-send", "ours-send-dst", "ours-dst", "ours-dst0", "ours-src", "ours-src0", "ours-srcfile", "plain",
+           "zstd", "rsync", "rsync-fuzzy", "rsync-basis"]
+DEFAULT_METHODS = ["ours-send", "ours-send-dst", "ours-src", "ours-dst", "plain", "zstd", "rsync", "rsync-fuzzy",
+                   "rsync-basis"]
 LABELS = {
+    "ours-send": "blocksketch send | receive, replica at source",
+    "ours-send-dst": "blocksketch send | receive, index at dest.",
     "ours-dst": "blocksketch, index at destination",
     "ours-dst0": "blocksketch, index at dest., rank --exact-top 0",
     "ours-src": "blocksketch, index replica at source",
@@ -105,6 +109,7 @@ class Bench:
                                                                              else ["-m", "cli"])]
         self.python = sys.executable
         self._port = 9100
+        self.send_level = 0
         self.env = {**os.environ, "BLOCKSKETCH_HOME": os.path.join(scratch, "home")}
 
     @property
@@ -155,27 +160,36 @@ class Bench:
     def pipe(self, send_script: str, receive_script: str, first: tuple[str, str] | None = None) -> dict:
         """``send_script | send`` in the source namespace, ``recv | receive_script`` in the destination's.
 
+        The relay is ``socat`` (C, as rsync is) when installed, else ``benchmarks.netns`` (Python).
         ``first``: a (source file, destination file) pair sent over a connection of its own while
         ``send_script`` starts; ``receive_script`` starts once that file has arrived. Returns the
-        payload bytes of the pipe and what ``receive_script`` printed.
+        payload bytes of the pipe (counted by the Python relay only; None with socat) and what
+        ``receive_script`` printed.
         """
-        address = f"{self.dst}:{self.next_port()}"
+        host, port = self.dst, self.next_port()
         netns = f"{self.python} -m benchmarks.netns"
         before_send = before_receive = ""
         if first is not None:
             first_address = f"{self.dst}:{self.next_port()}"
             before_receive = f"{netns} recv {first_address} {first[1]} 2>/dev/null && "
             before_send = f"{netns} send {first_address} {first[0]} 2>/dev/null & "
-        receiver = self.link.shell(DESTINATION, f"{before_receive}{netns} recv {address} - | {receive_script}",
+        if shutil.which("socat"):
+            listen = f"socat -u TCP-LISTEN:{port},bind={host},reuseaddr STDOUT"
+            connect = f"socat -u STDIN TCP:{host}:{port},retry=500,interval=0.01"
+        else:
+            listen, connect = f"{netns} recv {host}:{port} -", f"{netns} send {host}:{port} -"
+        receiver = self.link.shell(DESTINATION, f"{before_receive}{listen} | {receive_script}",
                                    cwd=REPO, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
-            sent = self.run(SOURCE, ["sh", "-c", f"{before_send}{send_script} | {netns} send {address} -; wait"])
+            sent = self.run(SOURCE, ["sh", "-c", f"{before_send}{send_script} | {connect}; wait"])
             out, err = receiver.communicate(timeout=600)
         finally:
             self.link.stop(receiver)
         if receiver.returncode != 0:
             raise RuntimeError(f"receiving pipeline failed: {err.strip()}")
-        return {"payload_bytes": json.loads(sent.stderr.strip().splitlines()[-1])["sent"], "output": out}
+        lines = sent.stderr.strip().splitlines()
+        payload = json.loads(lines[-1])["sent"] if lines and lines[-1].startswith('{"sent"') else None
+        return {"payload_bytes": payload, "output": out}
 
 
 def identical(a: str, b: str) -> bool:
@@ -383,6 +397,34 @@ class Pair:
             "blocks": built.get("blocks", {}), "apply_status": applied.get("status"),
             "pack_raw_bytes": packed.get("raw_bytes")})
 
+    def send(self, method: str) -> dict:
+        """``blocksketch send`` at the source, its stream over TCP into ``blocksketch receive``.
+
+        One process each side: send reads the image once (digests for rank and the manifest, the
+        whole-image checksum beside them) and streams the manifest and then the bundle; receive
+        copies the local blocks while the bundle arrives. ``ours-send`` ranks from the index
+        replica at the source, ``ours-send-dst`` from the index at the destination (across the link).
+        """
+        bench = self.bench
+        url = self.replica_url if method == "ours-send" else self.master_url
+        summary = os.path.join(self.src_dir, "send.json")
+        level = ["--level", str(bench.send_level)] if bench.send_level else []
+        send = " ".join([*bench.blocksketch, "send", self.source, "--redis", url, *level, "--json"])
+        receive = " ".join([*bench.blocksketch, "receive", "-", "-o", self.output(method), "--redis",
+                            self.master_url, "--json"])
+        piped, step = bench.measured("send | TCP | receive", lambda: bench.pipe(f"{send} 2>{summary}", receive))
+        received = json.loads(piped["output"])
+        with open(summary) as handle:
+            sent = json.loads(handle.read().strip().splitlines()[-1])
+        os.unlink(summary)
+        if sent.get("ranking") and not self.rank:
+            self.rank = sent["ranking"]
+        return self.finish(method, [step], {
+            "host": sent["host"], "rank_winner_by": (sent.get("ranking") or {}).get("winner_by"),
+            "payload_bytes": sent["stream_bytes"], "manifest_bytes": sent["manifest_bytes"],
+            "bundle_bytes": sent["bundle_bytes"], "blocks": sent["blocks"], "apply_status": received.get("status"),
+            "pack_raw_bytes": sent["raw_bytes"], "send_seconds": sent.get("seconds")})
+
     def plain(self) -> dict:
         output = self.output("plain")
         received, step = self.bench.measured("raw bytes over TCP", lambda: self.bench.transfer(self.source, output))
@@ -445,14 +487,16 @@ class Pair:
                   "hosts": {h: [os.path.basename(i) for i in images] for h, images in self.spec["hosts"].items()}}
         progress(f"pair '{self.spec['name']}': {self.name} -> fleet {result['hosts']}")
         result["index"] = self.start_index()
-        if any(m.startswith("ours-src") for m in methods):
+        if any(m.startswith("ours-src") or m == "ours-send" for m in methods):
             result["replication"] = self.start_replica()
         if any(m.startswith("rsync") for m in methods):
             self.start_rsyncd()
         runs = []
         for method in methods:
             progress(f"{LABELS[method]}")
-            if method.startswith("ours"):
+            if method.startswith("ours-send"):
+                runs.append(self.send(method))
+            elif method.startswith("ours"):
                 runs.append(self.ours(method))
             elif method == "plain":
                 runs.append(self.plain())
@@ -546,10 +590,12 @@ def print_pair(pair: dict) -> None:
         if r["method"].startswith("ours"):
             print(f"      -> host {r['host']}; manifest {r['manifest_bytes']:,} + bundle {r['bundle_bytes']:,} bytes; "
                   f"blocks {r['blocks']}")
+            if r.get("send_seconds"):
+                print(f"      send's own steps (s, from its --json): {r['send_seconds']}")
         elif "rsync" in r:
             print(f"      rsync {r['rsync_options']} --stats: {r['rsync']}"
                   f"{'; basis ' + r['basis'] if 'basis' in r else ''}")
-        elif "payload_bytes" in r:
+        elif r.get("payload_bytes") is not None:
             print(f"      payload {r['payload_bytes']:,} bytes")
         print(f"      load average (1 min) after: {r['load_average']}")
     for note in pair["verdict"]:
@@ -567,10 +613,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--block-size", type=int, default=512, help="index block size [default: 512]")
     parser.add_argument("--rsync-block-size", type=int, default=4096,
                         help="rsync --block-size for the runs with a basis (0: rsync's own) [default: 4096]")
+    parser.add_argument("--send-level", type=int, default=0,
+                        help="zstd level for `blocksketch send` (0: send's default) [default: 0]")
     parser.add_argument("--no-stream", action="store_true",
                         help="land the bundle in a file, then apply (default: the socket feeds apply -)")
-    parser.add_argument("--only", default=",".join(m for m in METHODS if m != "ours-srcfile"),
-                        help=f"methods to run, of {','.join(METHODS)} [default: all but ours-srcfile]")
+    parser.add_argument("--only", default=",".join(DEFAULT_METHODS),
+                        help=f"methods to run, of {','.join(METHODS)} [default: {','.join(DEFAULT_METHODS)}]")
     parser.add_argument("--scratch", default=os.environ.get("BENCH_DIR"), help="directory for scratch files")
     parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
     args = parser.parse_args(argv)
@@ -641,6 +689,8 @@ def main(argv: list[str] | None = None) -> int:
         report["rtt"] = measure_rtt(link)
         progress(f"netem: {link.netem[1]}; RTT {report['rtt']}")
         bench = Bench(link, scratch, args.block_size, not args.no_stream, args.rsync_block_size)
+        bench.send_level = args.send_level
+        report["send_level"] = args.send_level
         report["pairs"] = []
         for number, spec in enumerate(args.pairs):
             pair = Pair(bench, number, spec)
