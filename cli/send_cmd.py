@@ -9,7 +9,6 @@ import time
 
 import click
 
-from sketch.bundle import DEFAULT_LEVEL
 from sketch.digests import data_bytes
 from sketch.errors import BlocksketchError, UsageError
 from sketch.rank import DEFAULT_EXACT_TOP
@@ -30,6 +29,18 @@ from .common import (
 )
 
 
+def _parse_level(ctx, param, value: str) -> int | None:
+    if value == "auto":
+        return None
+    try:
+        level = int(value)
+    except ValueError:
+        level = 0
+    if not 1 <= level <= 22:
+        raise click.BadParameter(f"{value!r} is not auto or a zstd level from 1 to 22")
+    return level
+
+
 @click.command("send")
 @click.argument("image", type=click.Path(dir_okay=False))
 @click.option("--to", "host", default=None,
@@ -40,14 +51,16 @@ from .common import (
               help="Without --to: best-estimated hosts to confirm with an exact pass (0: trust the estimate).")
 @click.option("--exclude-host", "exclude_hosts", multiple=True, metavar="HOST",
               help="Without --to: never pick this host (repeatable), e.g. the image's current host.")
-@click.option("--level", type=click.IntRange(1, 22), default=DEFAULT_LEVEL, show_default=True,
-              help="zstd compression level of the blocks sent.")
+@click.option("--level", default="auto", show_default=True, callback=_parse_level,
+              help="zstd level of the blocks sent (1-22), or auto: 3, raised to 6 or 9 once the link turns out "
+                   "to be slower than compression.")
 @block_size_option(default=None)
 @format_option
 @redis_option
 @json_option
-def command(image: str, host: str | None, output: str, exact_top: int, exclude_hosts: tuple[str, ...], level: int,
-            block_size: int | None, image_format: str | None, redis_url: str | None, as_json: bool) -> None:
+def command(image: str, host: str | None, output: str, exact_top: int, exclude_hosts: tuple[str, ...],
+            level: int | None, block_size: int | None, image_format: str | None, redis_url: str | None,
+            as_json: bool) -> None:
     """Stream IMAGE to the host that already holds most of it, for `blocksketch receive` there.
 
     Reads IMAGE once: its digests rank the fleet (unless --to names the host) and build the
@@ -89,6 +102,7 @@ def command(image: str, host: str | None, output: str, exact_top: int, exclude_h
     report = {"image": image, "host": manifest.host, "host_chosen_by": "--to" if host else "rank",
               "stream": output, "stream_bytes": info.bytes_written, "manifest_bytes": info.manifest_bytes,
               "bundle_bytes": info.bundle.bytes_written, "raw_bytes": info.bundle.raw_bytes,
+              "zstd_levels": info.bundle.levels,
               "size_bytes": manifest.size_bytes, "block_size": manifest.block_size, "blocks": summary["blocks"],
               "wan_ratio": info.bytes_written / manifest.size_bytes if manifest.size_bytes else 0.0,
               "seconds": seconds}
@@ -111,7 +125,7 @@ def command(image: str, host: str | None, output: str, exact_top: int, exclude_h
                f"{summary['blocks']['zero']} zero)", err=to_stdout)
 
 
-def _write(outgoing, output: str, level: int, progress: bool):
+def _write(outgoing, output: str, level: int | None, progress: bool):
     """Write the stream to stdout as it is made, or to ``output`` through a temp file and a rename."""
     manifest = outgoing.manifest
     temp = None if output == "-" else os.path.join(os.path.dirname(os.path.abspath(output)),

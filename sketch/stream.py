@@ -97,11 +97,13 @@ def image_stamp(path: str) -> tuple[int, int, int]:
 
 
 def write_stream(handle: BinaryIO, source: ImageSource, manifest: Manifest, stamp: tuple[int, int, int],
-                 level: int = DEFAULT_LEVEL, progress: Progress | None = None) -> StreamInfo:
+                 level: int | None = None, progress: Progress | None = None) -> StreamInfo:
     """Write the migration stream of ``manifest`` (built from ``source``) into ``handle``.
 
     ``stamp`` is :func:`image_stamp` of the image taken before it was digested; if the image
-    changed since, the bundle is left without its trailer and ImageError is raised.
+    changed since, the bundle is left without its trailer and ImageError is raised. ``level``
+    None compresses adaptively: zstd level 3, and a stronger level once the output turns out to
+    be the bottleneck (a slow link; sketch.bundle).
     """
     body = manifest.to_bytes()
     handle.write(_PREFIX.pack(MAGIC, VERSION, 0, len(body)))
@@ -113,8 +115,8 @@ def write_stream(handle: BinaryIO, source: ImageSource, manifest: Manifest, stam
             raise ImageError(f"image {source.path} changed while it was sent (stop the VM using it and send "
                              "again); the stream was cut before its end, so the receiver writes nothing")
 
-    bundle = write_bundle(handle, source, manifest, level=level, progress=progress, verify_checksum=False,
-                          before_trailer=unchanged)
+    bundle = write_bundle(handle, source, manifest, level=DEFAULT_LEVEL if level is None else level,
+                          progress=progress, verify_checksum=False, before_trailer=unchanged, adaptive=level is None)
     return StreamInfo(len(body), bundle)
 
 

@@ -174,3 +174,65 @@ def test_a_reader_reads_from_a_pipe(packed):
     with subprocess.Popen(["cat", str(bundle)], stdout=subprocess.PIPE) as cat:
         reader = BundleReader(cat.stdout, manifest, "bundle from a pipe")
         assert sum(len(d) for _, d in reader.placed()) == info.raw_bytes
+
+
+@pytest.mark.parametrize(("compress_s", "write_s", "level"), [
+    (1.0, 0.0, 3),  # the output keeps up: stay fast
+    (1.0, 2.0, 3),  # half of 3x headroom is not enough for level 6's 2x
+    (1.0, 4.0, 6),
+    (1.0, 8.0, 9),
+    (0.0, 5.0, 3),  # nothing measured yet
+])
+def test_the_adapted_level_fits_the_time_spent_waiting(compress_s, write_s, level):
+    from sketch.bundle import adapted_level
+
+    assert adapted_level(3, compress_s, write_s) == level
+
+
+def test_an_adaptive_bundle_to_a_slow_reader_switches_level_and_reads_back(tmp_path):
+    """A pipe drained at ~25 MB/s: writing waits far longer than level 3 compresses, so the writer
+    switches to a stronger level; the two zstd frames read back as one bundle."""
+    import threading
+    import time
+
+    from sketch.blocks import open_image
+    from sketch.bundle import write_bundle
+
+    block_size = 4096
+    data = np.random.default_rng(5).integers(97, 103, 8 * FRAME_BYTES, dtype=np.uint8).tobytes()
+    source_path = tmp_path / "source.img"
+    source_path.write_bytes(data)
+    manifest = build_manifest(str(source_path), "dst", [], block_size)
+    read_end, write_end = os.pipe()
+    received = bytearray()
+
+    def slow_reader() -> None:
+        with os.fdopen(read_end, "rb", buffering=0) as pipe:
+            while chunk := pipe.read(1 << 18):
+                received.extend(chunk)
+                time.sleep(0.01)
+
+    reader = threading.Thread(target=slow_reader)
+    reader.start()
+    with os.fdopen(write_end, "wb") as pipe, open_image(str(source_path)) as source:
+        info = write_bundle(pipe, source, manifest, level=3, adaptive=True)
+    reader.join()
+    assert info.levels[0] == 3 and len(info.levels) == 2 and info.levels[1] in (6, 9)
+    bundle = tmp_path / "b.bundle"
+    bundle.write_bytes(bytes(received))
+    placed = read_placed(str(bundle), manifest)
+    assert b"".join(placed[k] for k in sorted(placed)) == data
+
+
+def test_an_adaptive_bundle_to_a_fast_reader_keeps_its_level(tmp_path):
+    from sketch.blocks import open_image
+    from sketch.bundle import write_bundle
+
+    data = np.random.default_rng(6).integers(97, 103, 6 * FRAME_BYTES, dtype=np.uint8).tobytes()
+    source_path = tmp_path / "source.img"
+    source_path.write_bytes(data)
+    manifest = build_manifest(str(source_path), "dst", [], 4096)
+    with open(tmp_path / "b.bundle", "wb") as out, open_image(str(source_path)) as source:
+        info = write_bundle(out, source, manifest, level=3, adaptive=True)
+    assert info.levels == [3]
+    assert b"".join(read_placed(str(tmp_path / "b.bundle"), manifest).values()) == data
