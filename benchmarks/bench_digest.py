@@ -5,6 +5,9 @@ Usage: python benchmarks/bench_digest.py [--size-mib 1024] [--block-size 512] [-
 Writes a file of random (non-zero) data, reads it once to warm the page cache, then times
 `sketch.digests.digest_image` with every core, a single-process per-block hashlib loop, and
 openssl's single-core figure, and prints the ratios. The goal: blocksketch >= 1.0x openssl.
+Then, for every MD5 implementation of the C extension this machine runs (forced with
+BLOCKSKETCH_MD5 in a child process), the in-memory kernel on one core (`md5_blocks` over a 4 MiB
+chunk, like openssl's figure) and `digest_image` with one worker and with every core.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import argparse
 import hashlib
 import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -44,6 +48,48 @@ def best_of(runs: int, function) -> float:
     return min(function() for _ in range(runs))
 
 
+# Runs in a child process, so that BLOCKSKETCH_MD5 is read at import; prints MB/s as JSON.
+IMPLEMENTATION_PROBE = """
+import json, os, sys, time
+import numpy as np
+from sketch import _blockhash
+from sketch.digests import default_workers, digest_image
+path, block_size, runs = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+size = os.path.getsize(path)
+chunk = np.frombuffer(os.urandom(4 << 20), dtype=np.uint8)
+digests, zero = np.empty((len(chunk) // block_size, 16), np.uint8), np.empty(len(chunk) // block_size, np.uint8)
+def timed(function, *args):
+    function(*args)
+    best = float("inf")
+    for _ in range(runs):
+        start = time.perf_counter()
+        function(*args)
+        best = min(best, time.perf_counter() - start)
+    return best
+print(json.dumps({
+    "implementation": _blockhash.IMPLEMENTATION,
+    "kernel_one_core_mb_s": len(chunk) / timed(_blockhash.md5_blocks, chunk, block_size, digests, zero) / 1e6,
+    "digest_image_one_worker_mb_s": size / timed(digest_image, path, block_size, "md5", None, 1) / 1e6,
+    "digest_image_all_cores_mb_s": size / timed(digest_image, path, block_size, "md5", None, default_workers()) / 1e6,
+}))
+"""
+
+
+def implementation_figures(path: str, block_size: int, runs: int) -> list[dict]:
+    """MB/s of every MD5 implementation the C extension runs here, each forced by BLOCKSKETCH_MD5."""
+    try:
+        from sketch import _blockhash
+    except ImportError:
+        return []
+    rows = []
+    for name in _blockhash.AVAILABLE:
+        env = dict(os.environ, BLOCKSKETCH_MD5=name)
+        out = subprocess.run([sys.executable, "-c", IMPLEMENTATION_PROBE, path, str(block_size), str(runs)],
+                             env=env, capture_output=True, text=True, check=True).stdout
+        rows.append(json.loads(out))
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size-mib", type=int, default=1024)
@@ -66,6 +112,7 @@ def main() -> None:
 
         ours_seconds = best_of(args.runs, ours)
         loop_seconds = best_of(1, lambda: hashlib_loop(path, args.block_size))
+        implementations = implementation_figures(path, args.block_size, args.runs)
     openssl = openssl_speed("md5", args.block_size)
     result = {
         "machine": machine(),
@@ -78,6 +125,7 @@ def main() -> None:
     }
     result["ratio_blocksketch_to_openssl"] = result["blocksketch_mb_s"] / result["openssl_one_core_mb_s"]
     result["ratio_hashlib_loop_to_openssl"] = result["hashlib_loop_one_process_mb_s"] / result["openssl_one_core_mb_s"]
+    result["implementations"] = implementations
     if args.json:
         print(json.dumps(result))
         return
@@ -88,7 +136,14 @@ def main() -> None:
           f"  ({result['ratio_hashlib_loop_to_openssl']:.2f}x openssl)")
     print(f"blocksketch digest_image ({result['workers']} workers):         {result['blocksketch_mb_s']:8.1f} MB/s"
           f"  ({result['ratio_blocksketch_to_openssl']:.2f}x openssl)")
-
+    if implementations:
+        openssl_mb_s = result["openssl_one_core_mb_s"]
+        print("MD5 implementations (BLOCKSKETCH_MD5), MB/s (ratio to openssl's one core):")
+        print(f"  {'':8} {'kernel, 1 core':>16} {'digest_image, 1 worker':>24} {result['workers']:>10} workers")
+        for row in implementations:
+            cells = [f"{row[key]:.0f} ({row[key] / openssl_mb_s:.1f}x)" for key in (
+                "kernel_one_core_mb_s", "digest_image_one_worker_mb_s", "digest_image_all_cores_mb_s")]
+            print(f"  {row['implementation']:8} {cells[0]:>16} {cells[1]:>24} {cells[2]:>18}")
 
 if __name__ == "__main__":
     main()

@@ -1,3 +1,4 @@
+import hashlib
 import os
 import subprocess
 import sys
@@ -9,6 +10,11 @@ from sketch.blocks import RawImage, check_block_size
 from sketch.digests import digest_image, zero_block_digest
 from sketch.errors import ImageError, UsageError
 from tests.reference import reference_digests
+
+try:
+    from sketch import _blockhash
+except ImportError:  # built without a C compiler
+    _blockhash = None
 
 
 def random_data(size: int, seed: int = 0) -> bytes:
@@ -121,3 +127,58 @@ def test_the_hashlib_fallback_gives_the_same_digests(tmp_path, monkeypatch):
         assert np.array_equal(fallback.digests, accelerated.digests)
         assert np.array_equal(fallback.zero, accelerated.zero)
     assert digests_module._pool is not None  # the two-worker run went through the process pool
+
+
+def require_implementation(implementation: str) -> None:
+    if _blockhash is None or implementation not in _blockhash.AVAILABLE:
+        pytest.skip(f"{implementation} does not run on this machine")
+
+
+# Zeros here make the non-zero count of the 1..40-block prefixes take every residue mod 8, 16, 32.
+ZERO_POSITIONS = (0, 3, 9, 10, 17, 26, 33)
+
+
+@pytest.mark.parametrize("implementation", ["scalar2", "avx2", "avx512"])
+@pytest.mark.parametrize("block_size", [512, 4096, 65536])
+def test_every_md5_implementation_equals_hashlib_on_every_chunk_length(implementation, block_size):
+    require_implementation(implementation)
+    blocks = np.random.default_rng(block_size).integers(0, 256, (40, block_size), dtype=np.uint8)
+    blocks[list(ZERO_POSITIONS)] = 0
+    blocks[20] = 0
+    blocks[20, -1] = 1  # non-zero only in its last byte
+    expected = [hashlib.md5(block.tobytes()).digest() for block in blocks]
+    untouched = bytes([0xAB] * 16)
+    for count in range(1, 41):
+        digests = np.full((count, 16), 0xAB, dtype=np.uint8)
+        zero = np.zeros(count, dtype=np.uint8)
+        nonzero = _blockhash.md5_blocks(blocks[:count].tobytes(), block_size, digests, zero, implementation)
+        flags = [i in ZERO_POSITIONS for i in range(count)]
+        assert zero.tolist() == flags
+        assert nonzero == count - sum(flags)
+        assert [bytes(row) for row in digests] == [untouched if flag else expected[i] for i, flag in enumerate(flags)]
+
+
+@pytest.mark.parametrize("implementation", ["scalar2", "avx2", "avx512"])
+def test_blocksketch_md5_environment_variable_selects_the_implementation(implementation):
+    require_implementation(implementation)
+    code = (
+        "import hashlib, os; from sketch import _blockhash as b;"
+        "data = os.urandom(100 * 512); digests = bytearray(1600); zero = bytearray(100);"
+        "b.md5_blocks(data, 512, digests, zero);"
+        "assert bytes(digests) == b''.join(hashlib.md5(data[o : o + 512]).digest() for o in range(0, len(data), 512));"
+        "print(b.IMPLEMENTATION)"
+    )
+    env = dict(os.environ, BLOCKSKETCH_MD5=implementation)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert out.stdout.strip() == implementation
+
+
+def test_an_unknown_blocksketch_md5_value_is_a_clear_error():
+    if _blockhash is None:
+        pytest.skip("the C extension is not built")
+    env = dict(os.environ, BLOCKSKETCH_MD5="sse9")
+    out = subprocess.run([sys.executable, "-c", "import sketch._blockhash"], capture_output=True, text=True, env=env)
+    assert out.returncode != 0
+    assert "BLOCKSKETCH_MD5=sse9: use scalar2, avx2 or avx512" in out.stderr
+    with pytest.raises(ValueError, match="not available"):
+        _blockhash.md5_blocks(bytes(512), 512, bytearray(16), bytearray(1), "sse9")
