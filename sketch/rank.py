@@ -138,6 +138,19 @@ def _metrics_fields(prefix: str, metrics) -> dict:
             f"{prefix}shared_unique_blocks": metrics.shared_unique_blocks, "send_blocks": metrics.send_blocks}
 
 
+def _by_estimate(estimate: FleetEstimate, excluded: set[str]) -> list[int]:
+    """Host indices, best estimate first (ties: more shared distinct blocks, then the name)."""
+    ratio, unique_ratio = estimate.ratios()
+    candidates = [i for i, host in enumerate(estimate.hosts) if host not in excluded]
+    return sorted(candidates, key=lambda i: (-ratio[i], -unique_ratio[i], estimate.hosts[i]))
+
+
+def exact_candidates(estimate: FleetEstimate, exclude_hosts: Iterable[str], exact_top: int) -> list[str]:
+    """The hosts :func:`rank_fleet` checks exactly, in order: a caller can fetch their block maps
+    ahead (all at once, while the first is being checked)."""
+    return [estimate.hosts[i] for i in _by_estimate(estimate, set(exclude_hosts))[:exact_top]]
+
+
 def rank_fleet(query: RankQuery, fleet: FleetSketches | None, host_maps: HostMaps | None = None, *,
                top: int = DEFAULT_TOP, exact_top: int = DEFAULT_EXACT_TOP, exclude_hosts: Iterable[str] = (),
                host_details: Mapping[str, Mapping] | None = None, probes: ProbeSet | None = None,
@@ -175,8 +188,7 @@ def rank_fleet(query: RankQuery, fleet: FleetSketches | None, host_maps: HostMap
         raise UsageError("rank_fleet: pass the probes the estimate was made with")
     ratio, unique_ratio = estimate.ratios()
     error, unique_error = estimate.errors95()
-    candidates = [i for i, host in enumerate(estimate.hosts) if host not in excluded]
-    by_estimate = sorted(candidates, key=lambda i: (-ratio[i], -unique_ratio[i], estimate.hosts[i]))
+    by_estimate = _by_estimate(estimate, excluded)
     estimate_rank = {i: r + 1 for r, i in enumerate(by_estimate)}
 
     exact: dict[int, dict] = {}

@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from sketch.errors import BlockSizeMismatch, FormatError, NotFound, UsageError
 from sketch.estimate import FleetEstimate, FleetSketches, ProbeSet
-from sketch.rank import DEFAULT_EXACT_TOP, DEFAULT_TOP, RankQuery, rank_fleet
+from sketch.rank import DEFAULT_EXACT_TOP, DEFAULT_TOP, RankQuery, exact_candidates, rank_fleet
 from sketch.ranksketch import RankParams, RankSketch
 
 from . import keys
@@ -25,6 +26,8 @@ from .catalogue import Catalogue
 from .connect import store_errors
 from .reader import Store
 from .sketches import HostUnion, register_host_sketch
+
+MAX_MAP_READERS = 4
 
 RANK_SKETCH = "rank"
 PARAMS = RankParams()
@@ -215,7 +218,7 @@ def rank_image(store: Store, image: str | RankQuery, *, top: int = DEFAULT_TOP, 
     if not catalogues:
         raise NotFound("the index has no hosts to rank: run `blocksketch index` on the hosts first")
 
-    def host_maps(host: str):
+    def read_maps(host: str):
         try:
             return [(info.path, block_map) for info, block_map in store.host_block_maps(host)]
         except NotFound:
@@ -226,6 +229,20 @@ def rank_image(store: Store, image: str | RankQuery, *, top: int = DEFAULT_TOP, 
     if unknown:
         known = ", ".join(sorted(catalogues)[:5]) + (" ..." if len(catalogues) > 5 else "")
         raise NotFound(f"cannot exclude unknown host {unknown[0]} (indexed: {known})")
-    return rank_fleet(query, None, host_maps, top=top, exact_top=exact_top, exclude_hosts=excluded,
-                      host_details=details, probes=probes, estimate=estimate, estimate_seconds=seconds)
+    # The exact pass reads its candidates' block maps on threads at once (Redis replies, CRC and
+    # numpy decoding release the GIL): 3 hosts of real 1 GiB images, ~53 MB, 0.16-0.21 s one by
+    # one, ~0.1 s together.
+    candidates = exact_candidates(estimate, excluded, exact_top) if len(catalogues) > len(excluded) else []
+    with ThreadPoolExecutor(max_workers=max(1, min(len(candidates), MAX_MAP_READERS))) as pool:
+        pending = {host: pool.submit(read_maps, host) for host in candidates}
+
+        def host_maps(host: str):
+            return pending[host].result() if host in pending else read_maps(host)
+
+        try:
+            return rank_fleet(query, None, host_maps, top=top, exact_top=exact_top, exclude_hosts=excluded,
+                              host_details=details, probes=probes, estimate=estimate, estimate_seconds=seconds)
+        finally:
+            for future in pending.values():
+                future.cancel()
 
