@@ -43,7 +43,7 @@ def command(manifest_path: str, bundles: tuple[str, ...], output: str, host: str
     """Rebuild the image of MANIFEST as OUTPUT from BUNDLE(s) and this host's indexed images.
 
     Local blocks are read only from images this host's index lists with the identity the manifest
-    recorded (raw or qcow2, read as they were indexed), and each run is checked with SHA-256
+    recorded (raw or qcow2, read as they were indexed), and each run is checked with BLAKE3
     before it is written. If some do not match (an
     image changed since it was indexed), nothing is written and the blocks still needed are saved
     to a ranges file: `blocksketch pack IMAGE MANIFEST --ranges FILE -o EXTRA` on the source, then

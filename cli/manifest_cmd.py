@@ -79,7 +79,7 @@ def command(image: str, host: str, output: str | None, block_size: int | None, i
 
     Every block of IMAGE is classified exactly against all images the index lists for HOST: zero
     (a hole), local (HOST already has the content: copied there from its own image, verified by
-    SHA-256), send (first occurrence of a content HOST lacks: goes in the bundle) or dup (a later
+    BLAKE3), send (first occurrence of a content HOST lacks: goes in the bundle) or dup (a later
     copy of a sent block). The block size defaults to the index's. IMAGE may be raw or qcow2
     (detected; --format overrides, and pack needs the same). Then run `blocksketch pack` here and
     `blocksketch apply` on HOST.

@@ -32,7 +32,7 @@ def command(stream: str, output: str, host: str | None, force: bool, output_form
     """Rebuild OUTPUT from STREAM (default: stdin), made by `blocksketch send` for this host.
 
     The manifest at the head of the stream names the blocks this host already has; they are read
-    from the images this host's index lists (checked by SHA-256) while the rest of the stream
+    from the images this host's index lists (checked by BLAKE3) while the rest of the stream
     arrives. OUTPUT appears only once the whole rebuilt image matches the sender's checksum; on any
     failure nothing is written. If local images changed since they were indexed, re-index this
     host (`blocksketch index`) and send again.

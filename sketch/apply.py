@@ -7,7 +7,7 @@ What is written, all into a temporary file next to the output (``.NAME.blocksket
 - every LOCAL run, read from the local image *the destination's index lists* (resolved by
   :func:`resolve_local_sources`, never by a path taken from the manifest alone; read as the
   format the index recorded, raw or qcow2), written only once its verification group matched
-  the group's SHA-256 from the manifest. Groups that fail are collected, and if there are any,
+  the group's strong hash (BLAKE3; SHA-256 in older manifests) from the manifest. Groups that fail are collected, and if there are any,
   apply stops, removes the temp file and writes a ranges file naming the blocks it still needs
   (``blocksketch pack IMAGE MANIFEST --ranges FILE`` turns it into a bundle);
 - every DUP run, copied from the SEND blocks already in the file.
@@ -29,7 +29,6 @@ A crash leaves only the clearly named temp file, which the next apply to the sam
 from __future__ import annotations
 
 import glob
-import hashlib
 import os
 import shutil
 import subprocess
@@ -43,7 +42,7 @@ import numpy as np
 from .blocks import ImageSource, open_image
 from .bundle import BundleReader, open_bundle
 from .errors import ImageError, NotFound, UsageError, VerificationError
-from .imagesum import SEGMENT_BYTES, leaf, root, segment_count, segments_touched, zero_leaf
+from .imagesum import SEGMENT_BYTES, leaf, root, segment_count, segments_touched, strong_hash, zero_leaf
 from .manifest import DUP, LOCAL, SEND, ZERO, Manifest
 from .pids import pid_alive
 from .ranges import mask_ranges, merge_ranges, ranges_mask, write_ranges_file
@@ -351,7 +350,7 @@ class _Rebuild:
     def _write_local(self) -> tuple[int, int, tuple[np.ndarray, np.ndarray] | None]:
         """Verify and write every LOCAL verification group; return (blocks written, bytes read, failed ranges).
 
-        Groups are copied on ``LOCAL_COPY_THREADS`` threads (reads, SHA-256 of a whole group and
+        Groups are copied on ``LOCAL_COPY_THREADS`` threads (reads, the hash of a whole group and
         writes all release the GIL), each with its own readers of the local images; the writers'
         frontier advances in group order.
         """
@@ -396,7 +395,7 @@ class _Rebuild:
         return written, read, None
 
     def _copy_group(self, group: int, source_of: Callable[[int], ImageSource]) -> tuple[int, int, list]:
-        """Read one verification group's runs into one buffer, check its SHA-256, write it if equal.
+        """Read one verification group's runs into one buffer, check its strong hash, write it if equal.
 
         Returns (blocks written, bytes read, the group's runs if it failed)."""
         if self.cancel.is_set():
@@ -406,8 +405,8 @@ class _Rebuild:
         runs = range(int(self.group_begin[group]), int(self.group_end[group]))
         starts = self.local_start[runs.start : runs.stop].tolist()
         counts = self.local_length[runs.start : runs.stop].tolist()
-        # One buffer and one hash update per group: runs are mostly 1-3 blocks, and hashlib keeps
-        # the GIL for inputs under 2 KiB.
+        # One buffer and one hash update per group: runs are mostly 1-3 blocks, and hashing tiny
+        # inputs keeps the GIL.
         buffer = memoryview(bytearray(sum(counts) * block_size))
         pieces = []
         at = 0
@@ -422,7 +421,7 @@ class _Rebuild:
                         raise ImageError("cannot re-read the partial output")
             pieces.append((first, count, view))
             at += len(view)
-        if hashlib.sha256(buffer).digest() != manifest.group_hash[group].tobytes():
+        if strong_hash(manifest.group_hash_algorithm, buffer).digest() != manifest.group_hash[group].tobytes():
             return 0, len(buffer), [(first, count) for first, count, _ in pieces]
         for first, _, view in pieces:
             _pwrite_all(self.fd, view, first * block_size)
@@ -475,6 +474,7 @@ class _SegmentHasher:
     def __init__(self, fd: int, manifest: Manifest, covered: np.ndarray, incremental: bool):
         self.fd = fd
         self.size_bytes = manifest.size_bytes
+        self.algorithm = manifest.checksum_algorithm
         self.count = segment_count(self.size_bytes)
         self.blocks_per_segment = SEGMENT_BYTES // manifest.block_size
         has_data = np.zeros(self.count, dtype=bool)
@@ -506,7 +506,7 @@ class _SegmentHasher:
         offset = k * SEGMENT_BYTES
         length = min(SEGMENT_BYTES, self.size_bytes - offset)
         if not self.has_data[k]:
-            return zero_leaf(length)
+            return zero_leaf(length, self.algorithm)
         buffer = memoryview(bytearray(length))
         done = 0
         while done < length:
@@ -514,7 +514,7 @@ class _SegmentHasher:
             if got == 0:
                 break  # past the end of the file so far: zeros, as the final truncate makes them
             done += got
-        digest = leaf(length, buffer)
+        digest = leaf(length, buffer, self.algorithm)
         if self._pool is not None and hasattr(os, "posix_fadvise"):
             # Nothing writes to this segment any more: start its writeback now (DONTNEED submits
             # the dirty pages without waiting), so the final fsync finds little left to write.
@@ -528,7 +528,7 @@ class _SegmentHasher:
             for k, value in zip(remaining, pool.map(self._leaf, remaining)):
                 self._leaves[k] = value
         leaves = [x if isinstance(x, bytes) else x.result() for x in self._leaves]
-        return root(self.size_bytes, leaves)
+        return root(self.size_bytes, leaves, self.algorithm)
 
     def close(self) -> None:
         if self._pool is not None:

@@ -39,7 +39,7 @@ import zstandard
 
 from .blocks import ImageSource, open_image
 from .errors import BlocksketchError, FormatError, UsageError, VerificationError
-from .imagesum import TreeHasher, iter_segments, segments_touched
+from .imagesum import CHECKSUM_ALGORITHM, TreeHasher, iter_segments
 from .manifest import SEND, Manifest
 from .ranges import merge_ranges
 
@@ -66,6 +66,9 @@ ADAPT_WINDOW_FRAMES = 2
 # history, and on a real 79 MB bundle a switch to 6 after 10 of 19 frames made it 0.4% bigger.
 ADAPT_MIN_LEFT = 0.5
 ADAPT_LEVELS = ((9, 3.5), (6, 2.0))
+# Reading just the blocks to send: ranges this close share one read, of at most this much.
+COALESCE_GAP_BYTES = 256 << 10
+READ_SPAN_BYTES = 4 << 20
 _PREFIX = struct.Struct("<8sHHI")
 _FRAME = struct.Struct("<II16s")
 _TRAILER = struct.Struct("<QQ32s8s")
@@ -175,7 +178,8 @@ def write_bundle(handle: BinaryIO, source: ImageSource, manifest: Manifest,
         raise VerificationError(f"image {source.path} is {source.size_bytes} bytes but the manifest describes "
                                 f"{manifest.size_bytes}; {retry}")
     writer = _Writer(handle, bundle_header(manifest, start, count, contents, level, adaptive), level, adaptive)
-    checksum = _stream_blocks(source, manifest.block_size, start, count, writer, progress, verify_checksum)
+    checksum = _stream_blocks(source, manifest.block_size, start, count, writer, progress, verify_checksum,
+                              manifest.checksum_algorithm)
     if verify_checksum and checksum != manifest.checksum:
         raise VerificationError(f"image {source.path} no longer matches the manifest (its checksum differs); "
                                 f"{retry}")
@@ -187,18 +191,20 @@ def write_bundle(handle: BinaryIO, source: ImageSource, manifest: Manifest,
 
 
 def _stream_blocks(source, block_size: int, start: np.ndarray, count: np.ndarray, writer: _Writer,
-                   progress: Progress | None, checksum: bool = True) -> bytes | None:
+                   progress: Progress | None, checksum: bool = True, algorithm: str = CHECKSUM_ALGORITHM
+                   ) -> bytes | None:
     """Feed the blocks of the ranges to ``writer`` in order; with ``checksum``, read every segment
-    and return the whole-image checksum, else read only the segments the ranges touch."""
+    and return the whole-image checksum, else read only the ranges (:func:`_stream_ranges`)."""
+    if not checksum:
+        _stream_ranges(source, block_size, start, count, writer, progress)
+        return None
     begin = (start * block_size).tolist()
     end = ((start + count) * block_size).tolist()
     at = 0
     threads = 1 if getattr(source, "format", "") == "raw" else 0
-    wanted = None if checksum else segments_touched(source.size_bytes, start, count, block_size)
-    with TreeHasher(source.size_bytes, threads=threads) as tree:
-        for offset, length, data in iter_segments(source, wanted):
-            if checksum:
-                tree.add(length, data)
+    with TreeHasher(source.size_bytes, threads=threads, algorithm=algorithm) as tree:
+        for offset, length, data in iter_segments(source):
+            tree.add(length, data)
             blocks = -(-length // block_size)
             segment_end = offset + blocks * block_size
             while at < len(begin) and begin[at] < segment_end:
@@ -215,7 +221,39 @@ def _stream_blocks(source, block_size: int, start: np.ndarray, count: np.ndarray
                 at += 1
             if progress and data is not None:
                 progress(length)
-        return tree.digest() if checksum else None
+        return tree.digest()
+
+
+def _stream_ranges(source, block_size: int, start: np.ndarray, count: np.ndarray, writer: _Writer,
+                   progress: Progress | None) -> None:
+    """Feed the blocks of the ranges to ``writer``, reading only them: ranges closer than
+    ``COALESCE_GAP_BYTES`` share a read of at most ``READ_SPAN_BYTES``. When the blocks to send
+    are few and scattered (a host holding nearly everything), reading whole 4 MiB segments read
+    the whole image for them (0.35 s for 5 MB on a real 1 GiB image)."""
+    begin = (start * block_size).tolist()
+    end = ((start + count) * block_size).tolist()
+    at = 0
+    while at < len(begin):
+        span_start = begin[at]
+        last = at
+        # Grow the read while the next range is close and the read stays small; a long range
+        # alone is cut into reads of READ_SPAN_BYTES.
+        while last + 1 < len(begin) and begin[last + 1] - end[last] <= COALESCE_GAP_BYTES \
+                and end[last + 1] - span_start <= READ_SPAN_BYTES:
+            last += 1
+        span_end = min(end[last], span_start + READ_SPAN_BYTES)
+        buffer = memoryview(bytearray(span_end - span_start))
+        source.read_into(span_start, buffer)  # zeros past the end: the partial last block's padding
+        for index in range(at, last + 1):
+            a, b = max(begin[index], span_start), min(end[index], span_end)
+            writer.write(buffer[a - span_start : b - span_start])
+            if progress:
+                progress(b - a)
+        if end[last] > span_end:  # a long range continues in the next read
+            begin[last] = span_end
+            at = last
+        else:
+            at = last + 1
 
 
 class _Writer:

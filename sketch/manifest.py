@@ -5,7 +5,7 @@ A manifest classifies every block of a source image (see :mod:`sketch.manifest_b
 - ``ZERO``: all zeros; becomes a hole in the output;
 - ``LOCAL``: the content is in an image the destination already holds; the run records that
   image and the block offset there. Consecutive LOCAL runs form *verification groups* of about
-  ``MAX_GROUP_BYTES``; the manifest holds the SHA-256 of each group's bytes as the source has
+  ``MAX_GROUP_BYTES``; the manifest holds the strong hash (BLAKE3) of each group's bytes as the source has
   them, so apply never writes a block it has not verified, and a stale local block costs at most
   one group to re-send. (A hash per run cost 32 bytes per run: on a real 1 GiB image at 512 B
   that was ~80% of the manifest.)
@@ -34,7 +34,7 @@ import zstandard
 from .blocks import MAX_BLOCK_SIZE, block_count, check_block_size
 from .digests import ALGORITHMS
 from .errors import FormatError, UsageError
-from .imagesum import CHECKSUM_ALGORITHM
+from .imagesum import CHECKSUM_ALGORITHM, CHECKSUM_ALGORITHMS, STRONG_HASH
 
 ZERO, LOCAL, SEND, DUP = 0, 1, 2, 3
 KIND_NAMES = ("zero", "local", "send", "dup")
@@ -45,7 +45,7 @@ SCHEMA = "blocksketch.manifest"
 _ENVELOPE = struct.Struct("<8sHHQ32s")  # magic, version, reserved, body length, SHA-256(body)
 ENVELOPE_SIZE = _ENVELOPE.size  # 52
 MAX_GROUP_BYTES = 1 << 20
-GROUP_HASH = "sha256"
+GROUP_HASHES = ("blake3", "sha256")  # readable; new manifests use imagesum.STRONG_HASH
 GROUP_HASH_SIZE = 32
 # The body is small next to the bundle, so spend time compressing it.
 BODY_ZSTD_LEVEL = 19
@@ -96,6 +96,7 @@ class Manifest:
     dup_origin: np.ndarray  # (d,) uint64: first source block copied, per DUP run
     source_path: str = ""
     checksum_algorithm: str = CHECKSUM_ALGORITHM
+    group_hash_algorithm: str = STRONG_HASH
     _id: bytes | None = field(default=None, repr=False)
 
     @property
@@ -155,7 +156,7 @@ class Manifest:
             "host": self.host,
             "source_path": self.source_path,
             "checksum": {"algorithm": self.checksum_algorithm, "digest": self.checksum},
-            "group_hash": GROUP_HASH,
+            "group_hash": self.group_hash_algorithm,
             "images": [i.as_dict() for i in self.images],
             "counts": self.block_counts(),
             "runs": {"kind": _pack(self.run_kind, "u1"), "length": _pack(self.run_length, "<u8")},
@@ -165,7 +166,7 @@ class Manifest:
                       "delta": _pack(self.local_block.astype(np.int64)
                                      - self.run_start[self.run_kind == LOCAL].astype(np.int64), "<i8"),
                       "group_runs": _pack(self.group_runs, "<u4"),
-                      "sha256": _pack(self.group_hash, "u1")},
+                      "hash": _pack(self.group_hash, "u1")},
             "dup": {"delta": _pack(self.run_start[self.run_kind == DUP] - self.dup_origin, "<u8")},
         }
 
@@ -283,10 +284,10 @@ def _decode(doc, what: str) -> Manifest:
     if algorithm not in ALGORITHMS:
         raise FormatError(f"{what} uses unknown digest algorithm {algorithm!r}")
     checksum = _field(doc, "checksum", dict, what)
-    if checksum.get("algorithm") != CHECKSUM_ALGORITHM or not isinstance(checksum.get("digest"), bytes) \
+    if checksum.get("algorithm") not in CHECKSUM_ALGORITHMS or not isinstance(checksum.get("digest"), bytes) \
             or len(checksum["digest"]) != 32:
         raise FormatError(f"{what} uses an unknown image checksum {checksum.get('algorithm')!r}")
-    if doc.get("group_hash") != GROUP_HASH:
+    if doc.get("group_hash") not in GROUP_HASHES:
         raise FormatError(f"{what} uses an unknown group hash {doc.get('group_hash')!r}")
     images = []
     for entry in _field(doc, "images", list, what):
@@ -303,7 +304,9 @@ def _decode(doc, what: str) -> Manifest:
     local_image = _unpack(local, "image", "<u4", what, n_local).astype(np.uint32)
     local_delta = _unpack(local, "delta", "<i8", what, n_local).astype(np.int64)
     group_runs = _unpack(local, "group_runs", "<u4", what).astype(np.uint32)
-    group_hash = _unpack(local, "sha256", "u1", what, len(group_runs), GROUP_HASH_SIZE)
+    # "sha256" was the field's name before the group hash could be another one
+    group_hash = _unpack(local, "hash" if "hash" in local else "sha256", "u1", what, len(group_runs),
+                         GROUP_HASH_SIZE)
     if (group_runs == 0).any() or int(group_runs.sum(dtype=np.uint64)) != n_local:
         raise FormatError(f"{what} is corrupt (verification groups do not cover the local runs)")
     dup = _field(doc, "dup", dict, what)
@@ -318,7 +321,8 @@ def _decode(doc, what: str) -> Manifest:
         raise FormatError(f"{what} is corrupt (runs do not cover the image)")
     manifest = Manifest(size_bytes, block_size, algorithm, host, checksum["digest"], images, kind, length,
                         local_image, np.zeros(0, np.uint64), group_runs, np.ascontiguousarray(group_hash),
-                        np.zeros(0, np.uint64), source_path)
+                        np.zeros(0, np.uint64), source_path, checksum_algorithm=checksum["algorithm"],
+                        group_hash_algorithm=doc["group_hash"])
     start = manifest.run_start
     local_start = start[kind == LOCAL].astype(np.int64)
     local_block = local_start + local_delta

@@ -13,7 +13,7 @@ Three steps, all vectorised over blocks (Python loops run per run, never per blo
    verification groups of about ``MAX_GROUP_BYTES`` (:func:`plan_groups`), so that a stale local
    block costs at most one group (< 2 MiB) to re-send;
 3. verify and seal (:func:`_seal`): one streaming read of the source computes the whole-image
-   checksum and the SHA-256 of every verification group, and checks that the image did not
+   checksum and the strong hash of every verification group, and checks that the image did not
    change since it was digested (when the checksum came from the digests' own read, only the
    LOCAL runs are read again, for the group hashes: :func:`group_hashes`). Before that, every
    DUP block is compared byte for byte with the block it copies, so an MD5 collision inside the
@@ -22,7 +22,6 @@ Three steps, all vectorised over blocks (Python loops run per run, never per blo
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -33,7 +32,7 @@ from .blockmap import BlockMap, IndexedDigests, find_keys, index_digests
 from .blocks import DEFAULT_BLOCK_SIZE, ImageSource, check_block_size, open_image
 from .digests import DEFAULT_ALGORITHM, ImageDigests, digest_source
 from .errors import BlockSizeMismatch, ImageError
-from .imagesum import TreeHasher, iter_segments
+from .imagesum import STRONG_HASH, TreeHasher, iter_segments, strong_hash
 from .manifest import DUP, GROUP_HASH_SIZE, LOCAL, MAX_GROUP_BYTES, SEND, LocalImage, Manifest
 
 MAX_LOCAL_RUN_BYTES = MAX_GROUP_BYTES
@@ -170,7 +169,7 @@ def _changed(path: str) -> ImageError:
 
 def _seal(source: ImageSource, zero: np.ndarray, local_start: np.ndarray, local_length: np.ndarray,
           group_runs: np.ndarray, block_size: int, progress: Progress | None = None) -> tuple[bytes, np.ndarray]:
-    """One read of the source: the whole-image checksum and the SHA-256 of every verification group.
+    """One read of the source: the whole-image checksum and the strong hash of every verification group.
 
     Also checks that every block is still zero exactly where the digests said so.
     """
@@ -205,7 +204,7 @@ def _seal(source: ImageSource, zero: np.ndarray, local_start: np.ndarray, local_
             segment_end = offset + blocks * block_size
             while next_run < len(run_begin) and run_begin[next_run] < segment_end:
                 if open_hash is None:
-                    open_hash = hashlib.sha256()
+                    open_hash = strong_hash(STRONG_HASH)
                 a = max(run_begin[next_run], offset) - offset
                 b = min(run_end[next_run], segment_end) - offset
                 open_hash.update(padded[a:b])
@@ -306,10 +305,11 @@ def _check_targets(targets: list[tuple[LocalImage, BlockMap]], block_size: int) 
 
 def group_hashes(source: ImageSource, local_start: np.ndarray, local_length: np.ndarray, group_runs: np.ndarray,
                  block_size: int, progress: Progress | None = None) -> np.ndarray:
-    """The SHA-256 of every verification group's source bytes, reading only the LOCAL runs.
+    """The strong hash (BLAKE3) of every verification group's source bytes, reading only the LOCAL
+    runs.
 
-    Groups hash on two threads for raw images (``hashlib`` and ``preadv`` release the GIL); a
-    qcow2 reader keeps caches, so it is read from one thread.
+    Groups hash on two threads for raw images (the hash and ``preadv`` release the GIL); a qcow2
+    reader keeps caches, so it is read from one thread.
     """
     hashes = np.zeros((len(group_runs), GROUP_HASH_SIZE), dtype=np.uint8)
     group_end = np.cumsum(group_runs.astype(np.int64))
@@ -318,14 +318,14 @@ def group_hashes(source: ImageSource, local_start: np.ndarray, local_length: np.
     lengths = local_length.tolist()
 
     def one(group: int) -> int:
-        digest = hashlib.sha256()
+        digest = strong_hash(STRONG_HASH)
         runs = range(int(group_begin[group]), int(group_end[group]))
         first, end = starts[runs[0]], starts[runs[-1]] + lengths[runs[-1]]
         wanted = sum(lengths[run] for run in runs)
         if end - first <= SPAN_READ_FACTOR * wanted:
             # One read of the group's whole span, its LOCAL blocks gathered into one buffer, one
-            # update: a group has ~70 runs on a real image, mostly of 1-3 blocks, and hashlib keeps
-            # the GIL for inputs under 2 KiB, so hashing them run by run serialised the threads.
+            # update: a group has ~70 runs on a real image, mostly of 1-3 blocks, and hashing
+            # tiny inputs keeps the GIL (hashlib: under 2 KiB), so hashing them run by run serialised the threads.
             span = bytearray((end - first) * block_size)
             source.read_into(first * block_size, memoryview(span))
             local = np.zeros(end - first, dtype=bool)

@@ -268,3 +268,42 @@ def test_a_qcow2_source_and_qcow2_local_images_round_trip(tmp_path, store):
                               capture_output=True, text=True)
     assert compared.returncode == 0, compared.stdout + compared.stderr
     assert out.stat().st_size == manifest.size_bytes
+
+
+def test_a_manifest_of_sha256_days_is_still_verified_with_sha256(tmp_path, store):
+    """Manifests written before BLAKE3 name SHA-256 for the groups and the image checksum, and store
+    the group hashes under the key "sha256": apply reads and verifies them with SHA-256."""
+    import hashlib
+
+    import msgpack
+    import zstandard
+
+    from sketch.blocks import open_image
+    from sketch.imagesum import image_checksum
+    from sketch.manifest import _ENVELOPE, BODY_ZSTD_LEVEL, MAGIC, VERSION
+
+    images = fleet(tmp_path, 512, host_dir="dst")
+    manifest = index_and_build(store, images, 512)
+    source = Path(images["source"]).read_bytes()
+    start, length = manifest.runs_of(LOCAL)
+    groups = np.repeat(np.arange(len(manifest.group_runs)), manifest.group_runs.astype(np.int64))
+    pieces: dict[int, list[bytes]] = {}
+    for s, n, g in zip(start.tolist(), length.tolist(), groups.tolist()):
+        pieces.setdefault(g, []).append(source[s * 512 : (s + n) * 512])
+    with open_image(images["source"]) as image:
+        checksum = image_checksum(image, algorithm="sha256-tree-4m")
+    body = manifest._body()
+    body["checksum"] = {"algorithm": "sha256-tree-4m", "digest": checksum}
+    body["group_hash"] = "sha256"
+    local = body["local"]
+    del local["hash"]
+    local["sha256"] = b"".join(hashlib.sha256(b"".join(pieces[g])).digest() for g in sorted(pieces))
+    packed = zstandard.ZstdCompressor(level=BODY_ZSTD_LEVEL).compress(msgpack.packb(body, use_bin_type=True))
+    data = _ENVELOPE.pack(MAGIC, VERSION, 0, len(packed), hashlib.sha256(packed).digest()) + packed
+    old = Manifest.from_bytes(data)
+    assert (old.checksum_algorithm, old.group_hash_algorithm) == ("sha256-tree-4m", "sha256")
+    old.save(str(tmp_path / "old.manifest"))
+    pack_bundle(images["source"], old, str(tmp_path / "b"))
+    out = tmp_path / "out.img"
+    rebuild(store, old, [tmp_path / "b"], out)
+    assert out.read_bytes() == source

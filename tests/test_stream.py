@@ -307,3 +307,18 @@ def test_manifest_of_the_stream_round_trips(tmp_path, redis_url, indexed):
         assert handle.tell() == 16 + len(manifest.to_bytes())
     assert Manifest.from_bytes(manifest.to_bytes()).manifest_id == manifest.manifest_id
     assert data.startswith(MAGIC)
+
+
+def test_a_long_run_to_send_is_read_in_pieces(tmp_path, redis_url):
+    """A host that holds none of the image: one SEND run of 10 MiB, read 4 MiB at a time, and a
+    partial last block."""
+    (tmp_path / "dst").mkdir()
+    write_image(str(tmp_path / "dst" / "other.img"), random_blocks(np.random.default_rng(2), 64, 4096))
+    run("index", str(tmp_path / "dst"), "--host", HOST, "--block-size", "4096", redis_url=redis_url)
+    source = tmp_path / "source.img"
+    source.write_bytes(np.random.default_rng(9).bytes((10 << 20) + 100))
+    out = tmp_path / "out.img"
+    sent, received = pipe([str(source), "--to", HOST, "--json"], ["-o", str(out)], redis_url)
+    assert received.returncode == 0, received.stderr.decode()
+    assert json.loads(sent.stderr)["blocks"]["send"] == -(-((10 << 20) + 100) // 4096)
+    assert out.read_bytes() == source.read_bytes()
