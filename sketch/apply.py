@@ -7,9 +7,10 @@ What is written, all into a temporary file next to the output (``.NAME.blocksket
 - every LOCAL run, read from the local image *the destination's index lists* (resolved by
   :func:`resolve_local_sources`, never by a path taken from the manifest alone; read as the
   format the index recorded, raw or qcow2), written only once its verification group matched
-  the group's strong hash (BLAKE3; SHA-256 in older manifests) from the manifest. Groups that fail are collected, and if there are any,
-  apply stops, removes the temp file and writes a ranges file naming the blocks it still needs
-  (``blocksketch pack IMAGE MANIFEST --ranges FILE`` turns it into a bundle);
+  the group's strong hash (BLAKE3; SHA-256 in older manifests) from the manifest. Groups that
+  fail are collected, and if there are any, apply stops, removes the temp file and writes a
+  ranges file naming the blocks it still needs (``blocksketch pack IMAGE MANIFEST --ranges
+  FILE`` turns it into a bundle);
 - every DUP run, copied from the SEND blocks already in the file.
 
 Then the file is cut to the exact size (ZERO runs stay holes), synced, and its whole-image
