@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import click
 
-from sketch.apply import OUTPUT_FORMATS, MissingBlocks, apply_manifest, resolve_local_sources
+from sketch.apply import MissingBlocks, apply_manifest, resolve_local_sources
 from sketch.manifest import Manifest
 from store import open_store
 
-from .common import Progress, emit_json, human_bytes, json_option, redis_option, show_progress
+from .common import Progress, emit_json, human_bytes, json_option, rebuild_options, redis_option, show_progress
 
 
 def apply_with_store(store, manifest: Manifest, bundles: list[str], output: str, host: str | None, force: bool,
@@ -27,15 +27,7 @@ def apply_with_store(store, manifest: Manifest, bundles: list[str], output: str,
 @click.command("apply")
 @click.argument("manifest_path", metavar="MANIFEST", type=click.Path(dir_okay=False))
 @click.argument("bundles", metavar="BUNDLE...", nargs=-1, required=True, type=click.Path(dir_okay=False))
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Image file to create.")
-@click.option("--host", default=None,
-              help="This host's name in the index [default: the manifest's destination; must match it].")
-@click.option("--force", is_flag=True, help="Overwrite OUTPUT if it exists.")
-@click.option("--output-format", type=click.Choice(OUTPUT_FORMATS), default="raw", show_default=True,
-              help="Write a sparse raw image, or convert it to qcow2 (qemu-img) once verified.")
-@click.option("--ranges-out", type=click.Path(dir_okay=False), default=None,
-              help="Where to list the blocks still needed if local blocks fail verification "
-                   "[default: OUTPUT.missing-ranges.json].")
+@rebuild_options("manifest")
 @redis_option
 @json_option
 def command(manifest_path: str, bundles: tuple[str, ...], output: str, host: str | None, force: bool,

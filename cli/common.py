@@ -128,3 +128,28 @@ def service_client(server_url: str, token_file: str | None):
     from .serve_cmd import read_token
 
     return ServiceClient(server_url, read_token(token_file))
+
+
+def rebuild_options(source: str):
+    """The options of a command that rebuilds an image on this host (``apply``, ``receive``);
+    ``source`` names where the destination host is recorded ("manifest", "stream")."""
+    from sketch.apply import OUTPUT_FORMATS
+
+    options = [
+        click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Image file to create."),
+        click.option("--host", default=None,
+                     help=f"This host's name in the index [default: the {source}'s destination; must match it]."),
+        click.option("--force", is_flag=True, help="Overwrite OUTPUT if it exists."),
+        click.option("--output-format", type=click.Choice(OUTPUT_FORMATS), default="raw", show_default=True,
+                     help="Write a sparse raw image, or convert it to qcow2 (qemu-img) once verified."),
+        click.option("--ranges-out", type=click.Path(dir_okay=False), default=None,
+                     help="Where to list the blocks still needed if local blocks fail verification "
+                          "[default: OUTPUT.missing-ranges.json]."),
+    ]
+
+    def decorate(function):
+        for option in reversed(options):
+            function = option(function)
+        return function
+
+    return decorate

@@ -6,25 +6,17 @@ import sys
 
 import click
 
-from sketch.apply import OUTPUT_FORMATS, MissingBlocks, apply_manifest, resolve_local_sources
+from sketch.apply import MissingBlocks, apply_manifest, resolve_local_sources
 from sketch.errors import UsageError
 from sketch.stream import open_stream_bundle, read_stream_manifest
 from store import open_store
 
-from .common import Progress, emit_json, human_bytes, json_option, redis_option, show_progress
+from .common import Progress, emit_json, human_bytes, json_option, rebuild_options, redis_option, show_progress
 
 
 @click.command("receive")
 @click.argument("stream", default="-", type=click.Path(dir_okay=False, allow_dash=True))
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Image file to create.")
-@click.option("--host", default=None,
-              help="This host's name in the index [default: the stream's destination; must match it].")
-@click.option("--force", is_flag=True, help="Overwrite OUTPUT if it exists.")
-@click.option("--output-format", type=click.Choice(OUTPUT_FORMATS), default="raw", show_default=True,
-              help="Write a sparse raw image, or convert it to qcow2 (qemu-img) once verified.")
-@click.option("--ranges-out", type=click.Path(dir_okay=False), default=None,
-              help="Where to list the local blocks that failed verification, if any "
-                   "[default: OUTPUT.missing-ranges.json].")
+@rebuild_options("stream")
 @redis_option
 @json_option
 def command(stream: str, output: str, host: str | None, force: bool, output_format: str, ranges_out: str | None,
