@@ -207,6 +207,25 @@ def place(image: str, directory: str) -> str:
     return target
 
 
+def warm_page_cache(paths: list[str]) -> None:
+    """Read every data extent of ``paths`` once, so each method finds them in the page cache."""
+    from sketch.blocks import open_image
+
+    for path in paths:
+        with open(path, "rb") as handle:
+            image = open_image(path, "raw")
+            try:
+                for offset, length in image.data_extents(0, image.size_bytes):
+                    handle.seek(offset)
+                    while length > 0:
+                        chunk = handle.read(min(length, 8 << 20))
+                        if not chunk:
+                            break
+                        length -= len(chunk)
+            finally:
+                image.close()
+
+
 def rsync_stats(text: str) -> dict:
     stats = {}
     labels = {"sent": "Total bytes sent:", "received": "Total bytes received:", "literal": "Literal data:",
@@ -493,6 +512,9 @@ class Pair:
             self.start_rsyncd()
         runs = []
         for method in methods:
+            # Every method starts with the source and the fleet's images in the page cache (without
+            # this, the first method of a pair read the source from disk: +0.2 s measured).
+            warm_page_cache([self.source, *(i for images in self.spec["hosts"].values() for i in images)])
             progress(f"{LABELS[method]}")
             if method.startswith("ours-send"):
                 runs.append(self.send(method))
