@@ -53,7 +53,7 @@ def _parse_level(ctx, param, value: str) -> int | None:
               help="Without --to: never pick this host (repeatable), e.g. the image's current host.")
 @click.option("--level", default="auto", show_default=True, callback=_parse_level,
               help="zstd level of the blocks sent (1-22), or auto: 3, raised to 6 or 9 once the link turns out "
-                   "to be slower than compression.")
+                   "to be much slower than compression.")
 @block_size_option(default=None)
 @format_option
 @redis_option

@@ -56,16 +56,21 @@ DEFAULT_LEVEL = 3
 # far apart (files that differ in a few bytes); on a real Debian image this made bundles ~5%
 # smaller than plain level 3 (benchmarks/RESULTS.md). 128 MiB is zstd's default decoder limit.
 WINDOW_LOG = 27
-# Adaptive compression: skip the first frames (they fill pipe and socket buffers), measure at least
-# the next ones, then switch once, when it pays, to the strongest of these levels whose CPU cost
-# (relative to level 3, measured on a real bundle: 6.4 s at 9, 3.8 s at 6, 1.85 s at 3 for
-# 268 MB) the waiting time would cover.
+# Adaptive compression starts at ADAPT_START_LEVEL, skips the first frames (they fill pipe and socket
+# buffers), measures at least the next ones, then switches once, when it pays, to the strongest of
+# these levels whose CPU cost (relative to level 3, measured on a real bundle: 6.4 s at 9, 3.8 s
+# at 6, 1.85 s at 3 for 268 MB) the time per frame covers with ADAPT_SAFETY to spare; down to 3
+# when the output never waits (compression is the bottleneck: a fast link, or a file).
+# Starting at 6 was tried: in the WAN benchmark (both ends on two cores) level 6 could not keep up
+# with 100 Mbit/s on the same-release pair and the writer fell back to 3 after four frames.
+ADAPT_START_LEVEL = 3
+ADAPT_COSTS = {3: 1.0, 6: 2.0, 9: 3.5}
+ADAPT_SAFETY = 1.5
 ADAPT_SKIP_FRAMES = 2
 ADAPT_WINDOW_FRAMES = 2
 # Never switch with less than half of the raw bytes left: the new zstd frame starts without
 # history, and on a real 79 MB bundle a switch to 6 after 10 of 19 frames made it 0.4% bigger.
 ADAPT_MIN_LEFT = 0.5
-ADAPT_LEVELS = ((9, 3.5), (6, 2.0))
 # Reading just the blocks to send: ranges this close share one read, of at most this much.
 COALESCE_GAP_BYTES = 256 << 10
 READ_SPAN_BYTES = 4 << 20
@@ -259,10 +264,11 @@ def _stream_ranges(source, block_size: int, start: np.ndarray, count: np.ndarray
 class _Writer:
     """Frames of a zstd stream, each flushed at a block boundary.
 
-    With ``adaptive``, the stream starts at ``level`` and may switch once to a slower, stronger
-    level (:func:`adapted_level`) when writing the output waits much longer than compressing does:
-    the link, not the CPU, is the limit, so CPU time buys fewer bytes on the wire (zstd's own
-    ``--adapt`` idea). A switch ends the zstd frame and starts a new one at the next bundle frame;
+    With ``adaptive``, the stream starts at ``level`` and may switch once (:func:`adapted_level`):
+    to a stronger level when writing the output waits much longer than compressing does (the
+    link, not the CPU, is the limit, so CPU time buys fewer bytes on the wire: zstd's own
+    ``--adapt`` idea), to a cheaper one when it hardly waits at all. A switch ends the zstd frame
+    and starts a new one at the next bundle frame;
     losing the history costs little (on a 268 MB real bundle, switching from 3 to 9 after 8 MiB gave
     112.4 MB against 112.0 MB for level 9 throughout, 117.4 MB for level 3).
     """
@@ -354,18 +360,18 @@ def _compressor(level: int):
 
 
 def adapted_level(level: int, compress_s: float, write_s: float) -> int:
-    """The level to continue at, given the time spent compressing and waiting to write.
+    """The level to continue at (one of ``ADAPT_COSTS``), given the time spent at ``level``
+    compressing and waiting to write.
 
     A level costing ``m`` times the current one's CPU keeps up with the output while
-    ``m < 1 + write_s / compress_s``; half of that headroom is kept in reserve.
+    ``m < 1 + write_s / compress_s``; ``ADAPT_SAFETY`` of that is kept in reserve. The strongest
+    level that fits wins; if none does, the cheapest.
     """
-    if compress_s <= 0:
+    if compress_s <= 0 or level not in ADAPT_COSTS:
         return level
-    headroom = (1 + write_s / compress_s) / 2
-    for stronger, cost in ADAPT_LEVELS:
-        if stronger > level and headroom >= cost:
-            return stronger
-    return level
+    budget = (1 + write_s / compress_s) / ADAPT_SAFETY * ADAPT_COSTS[level]
+    fitting = [candidate for candidate, cost in ADAPT_COSTS.items() if cost <= budget]
+    return max(fitting) if fitting else min(ADAPT_COSTS)
 
 
 class BundleReader:

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import BinaryIO
 
 from .blocks import ImageSource, open_image
-from .bundle import DEFAULT_LEVEL, BundleInfo, BundleReader, write_bundle
+from .bundle import ADAPT_START_LEVEL, BundleInfo, BundleReader, write_bundle
 from .errors import FormatError, ImageError
 from .imagesum import image_checksum
 from .manifest import MAX_BODY_BYTES, Manifest
@@ -102,8 +102,8 @@ def write_stream(handle: BinaryIO, source: ImageSource, manifest: Manifest, stam
 
     ``stamp`` is :func:`image_stamp` of the image taken before it was digested; if the image
     changed since, the bundle is left without its trailer and ImageError is raised. ``level``
-    None compresses adaptively: zstd level 3, and a stronger level once the output turns out to
-    be the bottleneck (a slow link; sketch.bundle).
+    None compresses adaptively: zstd level 3, then 6 or 9 if the output turns out to be the
+    bottleneck (a slow link; sketch.bundle).
     """
     body = manifest.to_bytes()
     handle.write(_PREFIX.pack(MAGIC, VERSION, 0, len(body)))
@@ -115,7 +115,7 @@ def write_stream(handle: BinaryIO, source: ImageSource, manifest: Manifest, stam
             raise ImageError(f"image {source.path} changed while it was sent (stop the VM using it and send "
                              "again); the stream was cut before its end, so the receiver writes nothing")
 
-    bundle = write_bundle(handle, source, manifest, level=DEFAULT_LEVEL if level is None else level,
+    bundle = write_bundle(handle, source, manifest, level=ADAPT_START_LEVEL if level is None else level,
                           progress=progress, verify_checksum=False, before_trailer=unchanged, adaptive=level is None)
     return StreamInfo(len(body), bundle)
 
