@@ -30,6 +30,7 @@ import struct
 import sys
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -59,10 +60,10 @@ WINDOW_LOG = 27
 # Adaptive compression starts at ADAPT_START_LEVEL, skips the first frames (they fill pipe and socket
 # buffers), measures at least the next ones, then switches once, when it pays, to the strongest of
 # these levels whose CPU cost (relative to level 3, measured on a real bundle: 6.4 s at 9, 3.8 s
-# at 6, 1.85 s at 3 for 268 MB) the time per frame covers with ADAPT_SAFETY to spare; down to 3
-# when the output never waits (compression is the bottleneck: a fast link, or a file).
-# Starting at 6 was tried: in the WAN benchmark (both ends on two cores) level 6 could not keep up
-# with 100 Mbit/s on the same-release pair and the writer fell back to 3 after four frames.
+# at 6, 1.85 s at 3 for 268 MB) fits in the time a frame takes to write, with ADAPT_SAFETY to
+# spare; down to 3 when compressing takes longer than writing (a fast link, or a file).
+# Starting at 6 was tried before compression moved to its own thread: level 6 then could not keep
+# up with 100 Mbit/s on the same-release pair (both ends on two cores) and fell back to 3.
 ADAPT_START_LEVEL = 3
 ADAPT_COSTS = {3: 1.0, 6: 2.0, 9: 3.5}
 ADAPT_SAFETY = 1.5
@@ -183,14 +184,17 @@ def write_bundle(handle: BinaryIO, source: ImageSource, manifest: Manifest,
         raise VerificationError(f"image {source.path} is {source.size_bytes} bytes but the manifest describes "
                                 f"{manifest.size_bytes}; {retry}")
     writer = _Writer(handle, bundle_header(manifest, start, count, contents, level, adaptive), level, adaptive)
-    checksum = _stream_blocks(source, manifest.block_size, start, count, writer, progress, verify_checksum,
-                              manifest.checksum_algorithm)
-    if verify_checksum and checksum != manifest.checksum:
-        raise VerificationError(f"image {source.path} no longer matches the manifest (its checksum differs); "
-                                f"{retry}")
-    if before_trailer is not None:
-        before_trailer()
-    writer.finish()
+    try:
+        checksum = _stream_blocks(source, manifest.block_size, start, count, writer, progress, verify_checksum,
+                                  manifest.checksum_algorithm)
+        if verify_checksum and checksum != manifest.checksum:
+            raise VerificationError(f"image {source.path} no longer matches the manifest (its checksum differs); "
+                                    f"{retry}")
+        if before_trailer is not None:
+            before_trailer()
+        writer.finish()
+    finally:
+        writer.close()
     return BundleInfo("", manifest.manifest_id, manifest.block_size, contents, start, count, int(count.sum()),
                       writer.bytes_written, writer.raw_bytes, writer.levels)
 
@@ -264,13 +268,16 @@ def _stream_ranges(source, block_size: int, start: np.ndarray, count: np.ndarray
 class _Writer:
     """Frames of a zstd stream, each flushed at a block boundary.
 
+    Frame ``n`` is compressed on a worker thread while this one writes frame ``n - 1`` (zstd and
+    the write both release the GIL), so compressing and sending overlap instead of taking turns.
+
     With ``adaptive``, the stream starts at ``level`` and may switch once (:func:`adapted_level`):
-    to a stronger level when writing the output waits much longer than compressing does (the
-    link, not the CPU, is the limit, so CPU time buys fewer bytes on the wire: zstd's own
-    ``--adapt`` idea), to a cheaper one when it hardly waits at all. A switch ends the zstd frame
-    and starts a new one at the next bundle frame;
-    losing the history costs little (on a 268 MB real bundle, switching from 3 to 9 after 8 MiB gave
-    112.4 MB against 112.0 MB for level 9 throughout, 117.4 MB for level 3).
+    to a stronger level when writing a frame takes much longer than compressing one (the link, not
+    the CPU, is the limit, so CPU time buys fewer bytes on the wire: zstd's own ``--adapt`` idea),
+    to a cheaper one when compressing takes longer. A switch ends the zstd frame and starts a new
+    one at the next bundle frame; losing the history costs little (on a 268 MB real bundle,
+    switching from 3 to 9 after 8 MiB gave 112.4 MB against 112.0 MB for level 9 throughout,
+    117.4 MB for level 3).
     """
 
     def __init__(self, handle: BinaryIO, header: dict, level: int, adaptive: bool = False):
@@ -281,18 +288,21 @@ class _Writer:
         header_sum = hashlib.sha256(prefix).digest()
         handle.write(prefix + header_sum)
         self._chain = hashlib.sha256(header_sum)
-        self._compressor = _compressor(level)
+        self._compressor = _compressor(level)  # used by the worker thread only
         self.levels = [level]
         self._adaptive = adaptive
         self._compress_s = self._write_s = 0.0
         self._pending: list = []
         self._pending_bytes = 0
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="blocksketch-zstd")
+        self._in_flight = None
+        self._submitted = 0
         self.frames = 0
         self.bytes_written = len(prefix) + len(header_sum)
         self.raw_bytes = 0
 
     def write(self, data) -> None:
-        """Queue ``data`` (the caller must not change it until the next frame is made)."""
+        """Queue ``data`` (the caller must not change it until the bundle is finished)."""
         self._pending.append(data)
         self._pending_bytes += len(data)
         if self._pending_bytes < FRAME_BYTES:
@@ -308,30 +318,41 @@ class _Writer:
         self._pending_bytes = len(joined) - at
 
     def _frame(self, raw, flush: int) -> None:
+        job = self._worker.submit(self._compress, raw, flush, self._submitted)
+        self._submitted += 1
+        if self._in_flight is not None:
+            self._emit(self._in_flight.result())
+        self._in_flight = job
+
+    def _compress(self, raw, flush: int, number: int) -> tuple[int, bytes, bytes, float]:
         started = time.perf_counter()
-        packed = self._switch() + self._compressor.compress(raw) + self._compressor.flush(flush)
+        packed = self._switch(number) + self._compressor.compress(raw) + self._compressor.flush(flush)
         check = hashlib.sha256(packed).digest()[:16]
-        compressed = time.perf_counter()
-        self._handle.write(_FRAME.pack(len(raw), len(packed), check))
+        return len(raw), packed, check, time.perf_counter() - started
+
+    def _emit(self, compressed: tuple[int, bytes, bytes, float]) -> None:
+        raw_length, packed, check, compress_s = compressed
+        started = time.perf_counter()
+        self._handle.write(_FRAME.pack(raw_length, len(packed), check))
         self._handle.write(packed)
-        written = time.perf_counter()
+        write_s = time.perf_counter() - started
         self._chain.update(check)
         self.frames += 1
         self.bytes_written += _FRAME.size + len(packed)
-        self.raw_bytes += len(raw)
+        self.raw_bytes += raw_length
         if self.frames > ADAPT_SKIP_FRAMES:  # the first frames fill the pipe and socket buffers
-            self._compress_s += compressed - started
-            self._write_s += written - compressed
+            self._compress_s += compress_s
+            self._write_s += write_s
 
-    def _switch(self) -> bytes:
-        """The end of the current zstd frame if the level changes before the next bundle frame.
+    def _switch(self, number: int) -> bytes:
+        """The end of the current zstd frame if the level changes before frame ``number``.
 
-        Asked before every frame once a few were measured, until it switches or too little is
-        left for a stronger level to pay for the history it loses.
+        Asked before every frame once a few were written and measured, until it switches or too
+        little is left for another level to pay for the history it loses.
         """
         if not self._adaptive or self.frames < ADAPT_SKIP_FRAMES + ADAPT_WINDOW_FRAMES:
             return b""
-        if self._raw_total - self.raw_bytes < max(2 * FRAME_BYTES, self._raw_total * ADAPT_MIN_LEFT):
+        if self._raw_total - number * FRAME_BYTES < max(2 * FRAME_BYTES, self._raw_total * ADAPT_MIN_LEFT):
             self._adaptive = False
             return b""
         level = adapted_level(self.levels[0], self._compress_s, self._write_s)
@@ -344,13 +365,19 @@ class _Writer:
         return tail
 
     def finish(self) -> None:
-        if self._pending or self.frames:
+        if self._pending or self._submitted:
             self._frame(b"".join(self._pending), zstandard.COMPRESSOBJ_FLUSH_FINISH)
             self._pending, self._pending_bytes = [], 0
+        if self._in_flight is not None:
+            self._emit(self._in_flight.result())
+            self._in_flight = None
         trailer = _FRAME.pack(0, 0, bytes(16)) + _TRAILER.pack(self.frames, self.raw_bytes, self._chain.digest(),
                                                                END_MAGIC)
         self._handle.write(trailer)
         self.bytes_written += len(trailer)
+
+    def close(self) -> None:
+        self._worker.shutdown(wait=True, cancel_futures=True)
 
 
 def _compressor(level: int):
@@ -361,16 +388,19 @@ def _compressor(level: int):
 
 def adapted_level(level: int, compress_s: float, write_s: float) -> int:
     """The level to continue at (one of ``ADAPT_COSTS``), given the time spent at ``level``
-    compressing and waiting to write.
+    compressing frames and writing them (the two overlap, see :class:`_Writer`).
 
-    A level costing ``m`` times the current one's CPU keeps up with the output while
-    ``m < 1 + write_s / compress_s``; ``ADAPT_SAFETY`` of that is kept in reserve. The strongest
-    level that fits wins; if none does, the cheapest.
+    Writing slower than compressing: the strongest level whose compression still fits in the
+    write time with ``ADAPT_SAFETY`` to spare (at least the current one). Compressing slower: the
+    strongest cheaper level that fits, else the cheapest.
     """
     if compress_s <= 0 or level not in ADAPT_COSTS:
         return level
-    budget = (1 + write_s / compress_s) / ADAPT_SAFETY * ADAPT_COSTS[level]
-    fitting = [candidate for candidate, cost in ADAPT_COSTS.items() if cost <= budget]
+    ratio = write_s / compress_s
+    if ratio >= 1:
+        budget = ratio / ADAPT_SAFETY * ADAPT_COSTS[level]
+        return max([level, *(c for c, cost in ADAPT_COSTS.items() if cost <= budget)])
+    fitting = [c for c, cost in ADAPT_COSTS.items() if cost <= ratio * ADAPT_COSTS[level]]
     return max(fitting) if fitting else min(ADAPT_COSTS)
 
 

@@ -178,12 +178,13 @@ def test_a_reader_reads_from_a_pipe(packed):
 
 @pytest.mark.parametrize(("start", "compress_s", "write_s", "level"), [
     (3, 1.0, 0.0, 3),  # the output keeps up: stay fast
-    (3, 1.0, 1.5, 3),  # 2.5x the time per frame, 1/1.5 of it in reserve: not enough for level 6's 2x
-    (3, 1.0, 2.5, 6),
-    (3, 1.0, 4.5, 9),
+    (3, 1.0, 2.5, 3),  # writing takes 2.5x, a third kept in reserve: not enough for level 6's 2x
+    (3, 1.0, 3.0, 6),
+    (3, 1.0, 5.5, 9),
     (6, 1.0, 0.1, 3),  # compression is the bottleneck: go cheaper
     (6, 1.0, 1.0, 6),
-    (6, 1.0, 2.0, 9),
+    (6, 1.0, 3.0, 9),
+    (9, 1.0, 0.7, 6),  # level 6 costs 0.57 of 9: it fits in 0.7
     (3, 0.0, 5.0, 3),  # nothing measured yet
 ])
 def test_the_adapted_level_fits_the_time_spent_waiting(start, compress_s, write_s, level):
@@ -202,7 +203,7 @@ def test_an_adaptive_bundle_to_a_slow_reader_switches_level_and_reads_back(tmp_p
     from sketch.bundle import write_bundle
 
     block_size = 4096
-    data = np.random.default_rng(5).integers(97, 103, 8 * FRAME_BYTES, dtype=np.uint8).tobytes()
+    data = np.random.default_rng(5).integers(97, 103, 12 * FRAME_BYTES, dtype=np.uint8).tobytes()
     source_path = tmp_path / "source.img"
     source_path.write_bytes(data)
     manifest = build_manifest(str(source_path), "dst", [], block_size)
