@@ -556,7 +556,16 @@ def verdict(runs: list[dict]) -> list[str]:
             continue
         names = "; ".join(f"{p['label']} ({p[key] / best[key]:.3f}x)" for p in beaten)
         notes.append(f"{what}: NOT best: {names} beat blocksketch ({best['label']})")
-        if key == "seconds":
+        if key == "seconds" and best.get("send_seconds"):
+            timing = best["send_seconds"]
+            saved = min(p["link_bytes"] for p in beaten) - best["link_bytes"]
+            notes.append(
+                f"  why: send prepared its stream for {timing['before_stream']:.2f} s after its own start "
+                f"(digest {timing.get('digest', 0):.2f}, rank {timing.get('rank', 0):.2f}, manifest "
+                f"{timing.get('manifest', 0):.2f}; Python's start and imports come before that) and then streamed "
+                f"for {timing['stream']:.2f} s; the peer starts sending at once, and the {saved / MIB:.1f} MiB "
+                "blocksketch saves on the link are worth less than that start")
+        elif key == "seconds":
             before = [s for s in best["steps"] if "send" not in s["step"]]
             link = [s for s in best["steps"] if "send" in s["step"]]
             notes.append(

@@ -13,6 +13,8 @@ practice, but handled so the result stays exact).
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from dataclasses import dataclass
 
 import numpy as np
@@ -109,11 +111,44 @@ def index_digests(image: ImageDigests) -> IndexedDigests:
     return IndexedDigests(block_map, nonzero_index, row)
 
 
+_lookups: contextvars.ContextVar[list | None] = contextvars.ContextVar("blocksketch_lookups", default=None)
+
+
+@contextlib.contextmanager
+def shared_lookups():
+    """Within this block, :func:`find_keys` remembers its answers for the very same two arrays.
+
+    ``send`` looks the image's keys up in the winner's block maps three times (rank's exact pass,
+    the best single image, the manifest's plan); the memo answers the later ones (~15 ms each on
+    a real 1 GiB image at 512 B). Answers are read-only arrays; the memo and the arrays it holds
+    live only as long as the block.
+    """
+    token = _lookups.set([])
+    try:
+        yield
+    finally:
+        _lookups.reset(token)
+
+
 def find_keys(sorted_keys: np.ndarray, queries: np.ndarray) -> np.ndarray:
     """For each ``(q, 2)`` query key, its row in the sorted unique ``sorted_keys``, or -1.
 
-    Exact. Fastest when ``queries`` are sorted too.
+    Exact. Fastest when ``queries`` are sorted too. Inside :func:`shared_lookups` the answer may
+    be a remembered, read-only array.
     """
+    memo = _lookups.get()
+    if memo is not None:
+        for keys, asked, answer in memo:
+            if keys is sorted_keys and asked is queries:
+                return answer
+    found = _find_keys(sorted_keys, queries)
+    if memo is not None:
+        found.flags.writeable = False
+        memo.append((sorted_keys, queries, found))
+    return found
+
+
+def _find_keys(sorted_keys: np.ndarray, queries: np.ndarray) -> np.ndarray:
     found = np.full(len(queries), -1, dtype=np.int64)
     if len(sorted_keys) == 0 or len(queries) == 0:
         return found

@@ -60,13 +60,14 @@ WINDOW_LOG = 27
 # Adaptive compression starts at ADAPT_START_LEVEL, skips the first frames (they fill pipe and socket
 # buffers), measures at least the next ones, then switches once, when it pays, to the strongest of
 # these levels whose CPU cost (relative to level 3, measured on a real bundle: 6.4 s at 9, 3.8 s
-# at 6, 1.85 s at 3 for 268 MB) fits in the time a frame takes to write, with ADAPT_SAFETY to
-# spare; down to 3 when compressing takes longer than writing (a fast link, or a file).
+# at 6, 1.85 s at 3 for 268 MB) fits in the time a frame takes to get out, with ADAPT_SAFETY to
+# spare; down to 3 when compression sets the pace (a fast link, or a file).
 # Starting at 6 was tried before compression moved to its own thread: level 6 then could not keep
 # up with 100 Mbit/s on the same-release pair (both ends on two cores) and fell back to 3.
 ADAPT_START_LEVEL = 3
 ADAPT_COSTS = {3: 1.0, 6: 2.0, 9: 3.5}
 ADAPT_SAFETY = 1.5
+ADAPT_CPU_BOUND = 1.2  # frames taking less than this many times their compression: CPU-bound
 ADAPT_SKIP_FRAMES = 2
 ADAPT_WINDOW_FRAMES = 2
 # Never switch with less than half of the raw bytes left: the new zstd frame starts without
@@ -272,9 +273,9 @@ class _Writer:
     the write both release the GIL), so compressing and sending overlap instead of taking turns.
 
     With ``adaptive``, the stream starts at ``level`` and may switch once (:func:`adapted_level`):
-    to a stronger level when writing a frame takes much longer than compressing one (the link, not
+    to a stronger level when a frame takes much longer to get out than to compress (the link, not
     the CPU, is the limit, so CPU time buys fewer bytes on the wire: zstd's own ``--adapt`` idea),
-    to a cheaper one when compressing takes longer. A switch ends the zstd frame and starts a new
+    to the cheapest when compressing is what sets the pace. A switch ends the zstd frame and starts a new
     one at the next bundle frame; losing the history costs little (on a 268 MB real bundle,
     switching from 3 to 9 after 8 MiB gave 112.4 MB against 112.0 MB for level 9 throughout,
     117.4 MB for level 3).
@@ -291,7 +292,8 @@ class _Writer:
         self._compressor = _compressor(level)  # used by the worker thread only
         self.levels = [level]
         self._adaptive = adaptive
-        self._compress_s = self._write_s = 0.0
+        self._compress_s = self._period_s = 0.0
+        self._last_emit = time.perf_counter()
         self._pending: list = []
         self._pending_bytes = 0
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="blocksketch-zstd")
@@ -332,17 +334,17 @@ class _Writer:
 
     def _emit(self, compressed: tuple[int, bytes, bytes, float]) -> None:
         raw_length, packed, check, compress_s = compressed
-        started = time.perf_counter()
         self._handle.write(_FRAME.pack(raw_length, len(packed), check))
         self._handle.write(packed)
-        write_s = time.perf_counter() - started
+        now = time.perf_counter()
         self._chain.update(check)
         self.frames += 1
         self.bytes_written += _FRAME.size + len(packed)
         self.raw_bytes += raw_length
         if self.frames > ADAPT_SKIP_FRAMES:  # the first frames fill the pipe and socket buffers
             self._compress_s += compress_s
-            self._write_s += write_s
+            self._period_s += now - self._last_emit  # what one frame takes, whatever the bottleneck
+        self._last_emit = now
 
     def _switch(self, number: int) -> bytes:
         """The end of the current zstd frame if the level changes before frame ``number``.
@@ -355,7 +357,7 @@ class _Writer:
         if self._raw_total - number * FRAME_BYTES < max(2 * FRAME_BYTES, self._raw_total * ADAPT_MIN_LEFT):
             self._adaptive = False
             return b""
-        level = adapted_level(self.levels[0], self._compress_s, self._write_s)
+        level = adapted_level(self.levels[0], self._compress_s, self._period_s)
         if level == self.levels[0]:
             return b""
         self._adaptive = False  # switch once
@@ -386,22 +388,22 @@ def _compressor(level: int):
     return zstandard.ZstdCompressor(compression_params=params).compressobj()
 
 
-def adapted_level(level: int, compress_s: float, write_s: float) -> int:
+def adapted_level(level: int, compress_s: float, period_s: float) -> int:
     """The level to continue at (one of ``ADAPT_COSTS``), given the time spent at ``level``
-    compressing frames and writing them (the two overlap, see :class:`_Writer`).
+    compressing frames and the time frames took to get out (compression overlaps the writing,
+    see :class:`_Writer`, so a frame takes the longer of the two and of the reading).
 
-    Writing slower than compressing: the strongest level whose compression still fits in the
-    write time with ``ADAPT_SAFETY`` to spare (at least the current one). Compressing slower: the
-    strongest cheaper level that fits, else the cheapest.
+    Frames taking clearly longer than their compression (the link sets the pace): the strongest
+    level whose compression fits in that time with ``ADAPT_SAFETY`` to spare, at least the current
+    one. Frames taking about their compression time (compression sets the pace): the cheapest.
     """
     if compress_s <= 0 or level not in ADAPT_COSTS:
         return level
-    ratio = write_s / compress_s
-    if ratio >= 1:
-        budget = ratio / ADAPT_SAFETY * ADAPT_COSTS[level]
-        return max([level, *(c for c, cost in ADAPT_COSTS.items() if cost <= budget)])
-    fitting = [c for c, cost in ADAPT_COSTS.items() if cost <= ratio * ADAPT_COSTS[level]]
-    return max(fitting) if fitting else min(ADAPT_COSTS)
+    ratio = period_s / compress_s
+    if ratio < ADAPT_CPU_BOUND:
+        return min(ADAPT_COSTS)
+    budget = ratio / ADAPT_SAFETY * ADAPT_COSTS[level]
+    return max([level, *(c for c, cost in ADAPT_COSTS.items() if cost <= budget)])
 
 
 class BundleReader:

@@ -82,7 +82,8 @@ def plan_blocks(source: ImageDigests, targets: list[BlockMap], indexed: IndexedD
         pending = np.flatnonzero(chosen < 0)
         if len(pending) == 0:
             break
-        position = find_keys(targets[j].keys, unique[pending])
+        # all keys still pending: ask with the array itself, so a shared lookup can answer
+        position = find_keys(targets[j].keys, unique if len(pending) == len(unique) else unique[pending])
         hit = position >= 0
         chosen[pending[hit]] = j
         offset[pending[hit]] = targets[j].first[position[hit]].astype(np.int64)

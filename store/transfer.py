@@ -7,7 +7,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from sketch.blockmap import index_digests
+from sketch.blockmap import index_digests, shared_lookups
 from sketch.blocks import ImageSource, open_image
 from sketch.digests import digest_source
 from sketch.manifest import LocalImage, Manifest
@@ -63,20 +63,22 @@ def prepare_send(store: Store, image: str, host: str | None = None, *, block_siz
     checksum = None
     clock = _Clock()
     try:
-        digests = digest_source(source, block_size, progress=digest_progress)
-        checksum = ChecksumThread(source)
-        indexed = index_digests(digests)
-        clock.lap("digest")
-        ranking = None
-        if host is None:
-            ranking = rank_image(store, RankQuery.from_block_map(indexed.block_map, image), top=top,
-                                 exact_top=exact_top, exclude_hosts=exclude_hosts, block_size=block_size)
-            host = ranking["winner"]
-            clock.lap("rank")
-        targets = [(LocalImage.from_info(info), block_map) for info, block_map in store.host_block_maps(host)]
-        manifest = manifest_from_digests(source, digests, host, targets, checksum=checksum.result,
-                                         seal_progress=seal_progress, source_path=path, indexed=indexed)
-        clock.lap("manifest")
+        # rank's exact pass, its best-image pick and the plan look the same keys up in the same maps
+        with shared_lookups():
+            digests = digest_source(source, block_size, progress=digest_progress)
+            checksum = ChecksumThread(source)
+            indexed = index_digests(digests)
+            clock.lap("digest")
+            ranking = None
+            if host is None:
+                ranking = rank_image(store, RankQuery.from_block_map(indexed.block_map, image), top=top,
+                                     exact_top=exact_top, exclude_hosts=exclude_hosts, block_size=block_size)
+                host = ranking["winner"]
+                clock.lap("rank")
+            targets = [(LocalImage.from_info(info), block_map) for info, block_map in store.host_block_maps(host)]
+            manifest = manifest_from_digests(source, digests, host, targets, checksum=checksum.result,
+                                             seal_progress=seal_progress, source_path=path, indexed=indexed)
+            clock.lap("manifest")
     except BaseException:
         if checksum is not None:
             checksum.cancel()

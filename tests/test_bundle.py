@@ -176,21 +176,21 @@ def test_a_reader_reads_from_a_pipe(packed):
         assert sum(len(d) for _, d in reader.placed()) == info.raw_bytes
 
 
-@pytest.mark.parametrize(("start", "compress_s", "write_s", "level"), [
-    (3, 1.0, 0.0, 3),  # the output keeps up: stay fast
-    (3, 1.0, 2.5, 3),  # writing takes 2.5x, a third kept in reserve: not enough for level 6's 2x
+@pytest.mark.parametrize(("start", "compress_s", "period_s", "level"), [
+    (3, 1.0, 1.0, 3),  # compression sets the pace: stay fast
+    (3, 1.0, 2.5, 3),  # frames take 2.5x, a third kept in reserve: not enough for level 6's 2x
     (3, 1.0, 3.0, 6),
     (3, 1.0, 5.5, 9),
-    (6, 1.0, 0.1, 3),  # compression is the bottleneck: go cheaper
-    (6, 1.0, 1.0, 6),
+    (6, 1.0, 1.1, 3),  # compression sets the pace: the cheapest
+    (9, 1.0, 1.0, 3),
+    (6, 1.0, 1.5, 6),  # link-bound, but not enough for level 9: stay
     (6, 1.0, 3.0, 9),
-    (9, 1.0, 0.7, 6),  # level 6 costs 0.57 of 9: it fits in 0.7
     (3, 0.0, 5.0, 3),  # nothing measured yet
 ])
-def test_the_adapted_level_fits_the_time_spent_waiting(start, compress_s, write_s, level):
+def test_the_adapted_level_fits_the_time_a_frame_takes(start, compress_s, period_s, level):
     from sketch.bundle import adapted_level
 
-    assert adapted_level(start, compress_s, write_s) == level
+    assert adapted_level(start, compress_s, period_s) == level
 
 
 def test_an_adaptive_bundle_to_a_slow_reader_switches_level_and_reads_back(tmp_path):
