@@ -63,9 +63,9 @@ def command(image: str, host: str | None, output: str, exact_top: int, exclude_h
             as_json: bool) -> None:
     """Stream IMAGE to the host that already holds most of it, for `blocksketch receive` there.
 
-    Reads IMAGE once: its digests rank the fleet (unless --to names the host) and build the
-    manifest against the chosen host's images, and the same read gives the whole-image checksum
-    the receiver verifies. The stream (manifest, then the blocks the host lacks, compressed) starts
+    Digests IMAGE once: the digests rank the fleet (unless --to names the host) and build the
+    manifest against the chosen host's images, while the whole-image checksum the receiver
+    verifies is taken beside them. The stream (manifest, then the blocks the host lacks, compressed) starts
     as soon as the manifest is sealed, so the receiver copies its local blocks while the rest is
     on the wire. Any one-way transport carries it: a pipe, ssh, a socket. The summary (or --json)
     goes to stderr when the stream goes to stdout.
@@ -73,7 +73,7 @@ def command(image: str, host: str | None, output: str, exact_top: int, exclude_h
     \b
     Example:
       blocksketch send vm.img | ssh node-7 blocksketch receive -o /var/lib/images/vm.img
-      blocksketch send vm.img --to node-7 --exclude-host node-3 | ssh node-7 blocksketch receive -o vm.img
+      blocksketch send vm.img --exclude-host node-3 --json 2>report.json | ssh node-7 blocksketch receive -o vm.img
       blocksketch send vm.qcow2 --to node-7 -o vm.stream --json
     """
     if host is not None and (exclude_hosts or exact_top != DEFAULT_EXACT_TOP):

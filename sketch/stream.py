@@ -12,11 +12,11 @@ Byte layout (version 1; integers little-endian; docs/manifest-format.md has the 
 - a bundle of the manifest's SEND blocks (sketch.bundle), which ends the stream.
 
 The sender does not re-read the whole image while packing (the bundle's ``verify_checksum`` is
-off): the manifest's whole-image checksum came from the same read as the digests, and the
-receiver compares the rebuilt image with it before anything appears at the output, so an image
-that changed under the sender fails there. The sender also checks that the image's size and
-modification time did not change while it was sent, and if they did, ends the stream without the
-bundle's trailer, which the receiver rejects as truncated.
+off; it reads only the ranges it sends): the manifest's whole-image checksum was taken right after
+the digests, and the receiver compares the rebuilt image with it before anything appears at the
+output, so an image that changed under the sender fails there. The sender also checks that the
+image's size, modification time and inode did not change while it was sent, and if they did,
+ends the stream without the bundle's trailer, which the receiver rejects as truncated.
 """
 
 from __future__ import annotations
