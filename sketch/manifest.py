@@ -92,7 +92,7 @@ class Manifest:
     local_image: np.ndarray  # (l,) uint32: index into images, per LOCAL run
     local_block: np.ndarray  # (l,) uint64: first block of the run in that image
     group_runs: np.ndarray  # (g,) uint32: LOCAL runs in each verification group, in order
-    group_hash: np.ndarray  # (g, 32) uint8: SHA-256 of the group's runs' source bytes (full blocks), in order
+    group_hash: np.ndarray  # (g, 32) uint8: strong hash of the group's runs' source bytes (full blocks), in order
     dup_origin: np.ndarray  # (d,) uint64: first source block copied, per DUP run
     source_path: str = ""
     checksum_algorithm: str = CHECKSUM_ALGORITHM
