@@ -56,15 +56,20 @@ def remove_stale() -> list[str]:
         match = re.match(rf"^({PREFIX}-(?:{SOURCE}|{DESTINATION})-(\d+))\b", line)
         if not match or _alive(int(match.group(2))):
             continue
-        name = match.group(1)
-        for pid in _ip("netns", "pids", name, check=False).stdout.split():
-            try:
-                os.kill(int(pid), signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        _ip("netns", "del", name, check=False)
-        removed.append(name)
+        _delete_namespace(match.group(1))
+        removed.append(match.group(1))
     return removed
+
+
+def _delete_namespace(name: str) -> None:
+    """Kill what still runs inside ``name`` (a grandchild that left its group would keep sockets
+    open), then delete it."""
+    for pid in _ip("netns", "pids", name, check=False).stdout.split():
+        try:
+            os.kill(int(pid), signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    _ip("netns", "del", name, check=False)
 
 
 class Link:
@@ -176,13 +181,7 @@ class Link:
     def down(self) -> None:
         self.stop_all()
         for name in reversed(self._created):
-            # anything still inside (a grandchild that left its group) would keep sockets open
-            for pid in _ip("netns", "pids", name, check=False).stdout.split():
-                try:
-                    os.kill(int(pid), signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-            _ip("netns", "del", name, check=False)
+            _delete_namespace(name)
         self._created.clear()
 
     def __enter__(self) -> Link:

@@ -279,14 +279,15 @@ class _Rebuild:
         counts = {"bundle": 0, "local": 0, "dup": 0}
         try:
             if self.overlap:
-                local = _Worker(self._write_local, name="blocksketch-local-copies", on_error=self.cancel.set)
-                try:
-                    counts["bundle"] = self._write_bundles()
-                except BaseException:
-                    self.cancel.set()
-                    local.join()
-                    raise
-                counts["local"], read, missing = local.value()
+                with ThreadPoolExecutor(max_workers=1, thread_name_prefix="blocksketch-local-copies") as pool:
+                    local = pool.submit(self._write_local)
+                    local.add_done_callback(self._stop_if_failed)
+                    try:
+                        counts["bundle"] = self._write_bundles()
+                    except BaseException:
+                        self.cancel.set()
+                        raise
+                counts["local"], read, missing = local.result()
             else:
                 counts["bundle"] = self._write_bundles()
                 counts["local"], read, missing = self._write_local()
@@ -306,6 +307,11 @@ class _Rebuild:
         result.local_bytes_read = read
         result.missing = missing
         return checksum
+
+    def _stop_if_failed(self, done) -> None:
+        """A failed local copy stops the bundle loop; its error is the one raised."""
+        if done.exception() is not None:
+            self.cancel.set()
 
     def _report(self, done: int) -> None:
         if self._progress:
@@ -434,33 +440,6 @@ class _Rebuild:
         if position >= len(todo):
             return self.manifest.total_blocks
         return int(self.local_start[self.group_begin[todo[position]]])
-
-
-class _Worker:
-    """A function on its own thread, its value or exception handed back by :meth:`value`."""
-
-    def __init__(self, function: Callable[[], object], name: str, on_error: Callable[[], None]):
-        self._result: list = []
-        self._error: list[BaseException] = []
-
-        def body() -> None:
-            try:
-                self._result.append(function())
-            except BaseException as exc:  # re-raised in the caller's thread
-                self._error.append(exc)
-                on_error()
-
-        self._thread = threading.Thread(target=body, name=name, daemon=True)
-        self._thread.start()
-
-    def join(self) -> None:
-        self._thread.join()
-
-    def value(self):
-        self._thread.join()
-        if self._error:
-            raise self._error[0]
-        return self._result[0]
 
 
 class _SegmentHasher:

@@ -186,9 +186,10 @@ def write_bundle(handle: BinaryIO, source: ImageSource, manifest: Manifest,
                                 f"{manifest.size_bytes}; {retry}")
     writer = _Writer(handle, bundle_header(manifest, start, count, contents, level, adaptive), level, adaptive)
     try:
-        checksum = _stream_blocks(source, manifest.block_size, start, count, writer, progress, verify_checksum,
-                                  manifest.checksum_algorithm)
-        if verify_checksum and checksum != manifest.checksum:
+        if not verify_checksum:
+            _stream_ranges(source, manifest.block_size, start, count, writer, progress)
+        elif _stream_blocks(source, manifest.block_size, start, count, writer, progress,
+                            manifest.checksum_algorithm) != manifest.checksum:
             raise VerificationError(f"image {source.path} no longer matches the manifest (its checksum differs); "
                                     f"{retry}")
         if before_trailer is not None:
@@ -201,13 +202,9 @@ def write_bundle(handle: BinaryIO, source: ImageSource, manifest: Manifest,
 
 
 def _stream_blocks(source, block_size: int, start: np.ndarray, count: np.ndarray, writer: _Writer,
-                   progress: Progress | None, checksum: bool = True, algorithm: str = CHECKSUM_ALGORITHM
-                   ) -> bytes | None:
-    """Feed the blocks of the ranges to ``writer`` in order; with ``checksum``, read every segment
-    and return the whole-image checksum, else read only the ranges (:func:`_stream_ranges`)."""
-    if not checksum:
-        _stream_ranges(source, block_size, start, count, writer, progress)
-        return None
+                   progress: Progress | None, algorithm: str = CHECKSUM_ALGORITHM) -> bytes:
+    """Feed the blocks of the ranges to ``writer`` in order, reading every segment; return the
+    whole-image checksum."""
     begin = (start * block_size).tolist()
     end = ((start + count) * block_size).tolist()
     at = 0

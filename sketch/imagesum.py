@@ -105,18 +105,16 @@ def data_segments(source: ImageSource) -> list[bool]:
     return has_data
 
 
-def iter_segments(source: ImageSource, wanted=None) -> Iterator[tuple[int, int, memoryview | None]]:
+def iter_segments(source: ImageSource) -> Iterator[tuple[int, int, memoryview | None]]:
     """Yield ``(offset, length, data)`` per segment in order; ``data`` is None for a hole.
 
-    ``wanted``: ascending segment indices to yield (default: all). Each segment gets a fresh
-    buffer, so a consumer may hand it to another thread.
+    Each segment gets a fresh buffer, so a consumer may hand it to another thread.
     """
     size = source.size_bytes
-    has_data = data_segments(source)
-    for k in range(len(has_data)) if wanted is None else (int(k) for k in wanted):
+    for k, has_data in enumerate(data_segments(source)):
         offset = k * SEGMENT_BYTES
         length = min(SEGMENT_BYTES, size - offset)
-        if not has_data[k]:
+        if not has_data:
             yield offset, length, None
             continue
         buffer = memoryview(bytearray(length))

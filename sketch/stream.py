@@ -25,6 +25,7 @@ import os
 import struct
 import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -61,30 +62,21 @@ class ChecksumThread:
     """
 
     def __init__(self, source: ImageSource):
-        self._reader = open_image(source.path, source.format)  # a qcow2 reader's caches are per thread
         self._stop = threading.Event()
-        self._value: list[bytes] = []
-        self._error: list[BaseException] = []
-        self._thread = threading.Thread(target=self._run, name="blocksketch-checksum", daemon=True)
-        self._thread.start()
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="blocksketch-checksum")
+        self._future = self._pool.submit(self._run, open_image(source.path, source.format))
+        self._pool.shutdown(wait=False)  # the thread ends with its one task
 
-    def _run(self) -> None:
-        try:
-            self._value.append(image_checksum(self._reader, threads=1, stop=self._stop))
-        except BaseException as exc:  # re-raised by result()
-            self._error.append(exc)
-        finally:
-            self._reader.close()
+    def _run(self, reader: ImageSource) -> bytes:
+        with reader:  # a second reader: a qcow2 reader's caches are not shared across threads
+            return image_checksum(reader, threads=1, stop=self._stop)
 
     def result(self) -> bytes:
-        self._thread.join()
-        if self._error:
-            raise self._error[0]
-        return self._value[0]
+        return self._future.result()
 
     def cancel(self) -> None:
         self._stop.set()
-        self._thread.join()
+        self._future.exception()  # waits for the thread, whatever it ended with
 
 
 def image_stamp(path: str) -> tuple[int, int, int]:
