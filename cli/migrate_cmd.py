@@ -1,4 +1,4 @@
-"""``blocksketch migrate``: manifest, pack and apply in one go, on one machine."""
+"""``blocksketch migrate``: manifest, bundle and apply in one go, on one machine."""
 
 from __future__ import annotations
 
@@ -8,11 +8,14 @@ import tempfile
 import click
 
 from sketch.apply import OUTPUT_FORMATS, MissingBlocks
-from sketch.bundle import pack_bundle
+from sketch.bundle import write_bundle
+from sketch.digests import data_bytes
 from store import open_store
+from store.transfer import prepare_send
 
 from .apply_cmd import apply_with_store
 from .common import (
+    Progress,
     block_size_option,
     emit_json,
     format_option,
@@ -23,34 +26,48 @@ from .common import (
     redis_option,
     show_progress,
 )
-from .manifest_cmd import manifest_from_store, summary_rows
+from .manifest_cmd import summary_rows
 
 
 def migrate_with_store(store, image: str, host: str, output: str, block_size: int | None = None,
                        force: bool = False, output_format: str = "raw", progress: bool = False,
                        image_format: str | None = None) -> tuple[dict, object]:
-    """Manifest, pack and apply ``image`` for ``host`` into ``output``: the report and the manifest.
+    """Manifest, bundle and apply ``image`` for ``host`` into ``output``: the report and the manifest.
 
-    ``image_format`` is how to read ``image`` (None: detected by magic). An extra bundle is packed
-    and applied when a local image changed since it was indexed.
+    The image is read as ``send`` reads it (one digest pass, the checksum beside it, then only the
+    blocks to send); ``image_format`` is how to read it (None: detected by magic). An extra bundle
+    is made and applied when a local image changed since it was indexed.
     """
     directory = os.path.dirname(os.path.abspath(output))
+    block_size = store.check_block_size(block_size)
+    total = data_bytes(image, block_size, image_format) if progress else 0
     with tempfile.TemporaryDirectory(dir=directory, prefix=".blocksketch-migrate-") as scratch:
-        manifest = manifest_from_store(store, image, host, block_size, progress, image_format)
-        manifest_bytes = manifest.save(os.path.join(scratch, "manifest"))
-        bundle = os.path.join(scratch, "bundle")
-        bundle_bytes = pack_bundle(image, manifest, bundle, image_format=image_format).bytes_written
-        extra_bytes = 0
-        missing_file = os.path.join(scratch, "missing.json")
+        with Progress(progress, total, f"digest {os.path.basename(image)}") as digest_bar:
+            outgoing = prepare_send(store, image, host, block_size=block_size, image_format=image_format,
+                                    digest_progress=digest_bar)
         try:
-            result = apply_with_store(store, manifest, [bundle], output, host, force, output_format, missing_file,
-                                      progress)
-        except MissingBlocks as missing:
-            extra = os.path.join(scratch, "extra")
-            extra_bytes = pack_bundle(image, manifest, extra, (missing.start, missing.count),
-                                      image_format=image_format).bytes_written
-            result = apply_with_store(store, manifest, [bundle, extra], output, host, force, output_format,
-                                      missing_file, progress)
+            manifest = outgoing.manifest
+            manifest_bytes = manifest.save(os.path.join(scratch, "manifest"))
+
+            def bundle(name: str, ranges=None) -> tuple[str, int]:
+                path = os.path.join(scratch, name)
+                with open(path, "wb") as handle:
+                    # apply checks the rebuilt image against the manifest's checksum
+                    info = write_bundle(handle, outgoing.source, manifest, ranges, verify_checksum=False)
+                return path, info.bytes_written
+
+            main, bundle_bytes = bundle("bundle")
+            extra_bytes = 0
+            missing_file = os.path.join(scratch, "missing.json")
+            try:
+                result = apply_with_store(store, manifest, [main], output, host, force, output_format, missing_file,
+                                          progress)
+            except MissingBlocks as missing:
+                extra, extra_bytes = bundle("extra", (missing.start, missing.count))
+                result = apply_with_store(store, manifest, [main, extra], output, host, force, output_format,
+                                          missing_file, progress)
+        finally:
+            outgoing.close()
     wan = manifest_bytes + bundle_bytes + extra_bytes
     summary = manifest.summary()
     report = {"image": image, "host": host, "output": result.output, "size_bytes": manifest.size_bytes,
