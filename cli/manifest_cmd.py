@@ -35,9 +35,8 @@ def manifest_from_store(store, image: str, host: str, block_size: int | None, pr
     block_size = store.check_block_size(block_size)
     total = data_bytes(image, block_size, image_format) if progress else 0
     name = os.path.basename(image)
-    with Progress(progress, total, f"digest {name}") as digest_bar, \
-            Progress(progress, total, f"verify {name}") as seal_bar:
-        return host_manifest(store, image, host, block_size, image_format, digest_bar, seal_bar)
+    with Progress(progress, total, f"digest {name}") as digest_bar:
+        return host_manifest(store, image, host, block_size, image_format, digest_bar)
 
 
 def manifest_from_service(server_url: str, token_file: str | None, image: str, host: str,

@@ -27,7 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 import blake3
 import numpy as np
 
-from .blocks import ImageSource
+from .blocks import ImageSource, open_image
 
 SEGMENT_BYTES = 4 << 20
 CHECKSUM_ALGORITHM = "blake3-tree-4m"
@@ -184,3 +184,30 @@ def image_checksum(source: ImageSource, threads: int = 2, progress: Callable[[in
             if progress and has_data[k]:
                 progress(min(SEGMENT_BYTES, size - k * SEGMENT_BYTES))
     return root(size, leaves, algorithm)
+
+
+class ChecksumThread:
+    """The whole-image checksum of an image, computed on a thread of its own with its own reader.
+
+    A manifest's builder starts it once the digests are done, so it runs beside rank and the plan
+    (mostly one core's work) instead of beside the digests (which use every core), and reads from
+    the page cache the digests just filled. :attr:`result` is a callable: the manifest's seal
+    asks for the checksum only when it needs it.
+    """
+
+    def __init__(self, source: ImageSource):
+        self._stop = threading.Event()
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="blocksketch-checksum")
+        self._future = self._pool.submit(self._run, open_image(source.path, source.format))
+        self._pool.shutdown(wait=False)  # the thread ends with its one task
+
+    def _run(self, reader: ImageSource) -> bytes:
+        with reader:  # a second reader: a qcow2 reader's caches are not shared across threads
+            return image_checksum(reader, threads=1, stop=self._stop)
+
+    def result(self) -> bytes:
+        return self._future.result()
+
+    def cancel(self) -> None:
+        self._stop.set()
+        self._future.exception()  # waits for the thread, whatever it ended with

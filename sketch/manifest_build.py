@@ -12,12 +12,11 @@ Three steps, all vectorised over blocks (Python loops run per run, never per blo
    consecutive earlier blocks); LOCAL runs are cut at ``MAX_LOCAL_RUN_BYTES`` and grouped into
    verification groups of about ``MAX_GROUP_BYTES`` (:func:`plan_groups`), so that a stale local
    block costs at most one group (< 2 MiB) to re-send;
-3. verify and seal (:func:`_seal`): one streaming read of the source computes the whole-image
-   checksum and the strong hash of every verification group, and checks that the image did not
-   change since it was digested (when the checksum came from the digests' own read, only the
-   LOCAL runs are read again, for the group hashes: :func:`group_hashes`). Before that, every
-   DUP block is compared byte for byte with the block it copies, so an MD5 collision inside the
-   source becomes a SEND block instead of a wrong copy.
+3. seal: the whole-image checksum, taken on a second thread right after the digests
+   (:class:`sketch.imagesum.ChecksumThread`), and the strong hash of every verification group,
+   reading only the LOCAL runs again (:func:`group_hashes`). Before that, every DUP block is
+   compared byte for byte with the block it copies, so an MD5 collision inside the source becomes
+   a SEND block instead of a wrong copy.
 """
 
 from __future__ import annotations
@@ -32,7 +31,7 @@ from .blockmap import BlockMap, IndexedDigests, find_keys, index_digests
 from .blocks import DEFAULT_BLOCK_SIZE, ImageSource, check_block_size, open_image
 from .digests import DEFAULT_ALGORITHM, ImageDigests, digest_source
 from .errors import BlockSizeMismatch, ImageError
-from .imagesum import STRONG_HASH, TreeHasher, iter_segments, strong_hash
+from .imagesum import STRONG_HASH, ChecksumThread, strong_hash
 from .manifest import DUP, GROUP_HASH_SIZE, LOCAL, MAX_GROUP_BYTES, SEND, LocalImage, Manifest
 
 MAX_LOCAL_RUN_BYTES = MAX_GROUP_BYTES
@@ -168,61 +167,6 @@ def _changed(path: str) -> ImageError:
     return ImageError(f"image {path} changed while the manifest was built; stop the VM using it and retry")
 
 
-def _seal(source: ImageSource, zero: np.ndarray, local_start: np.ndarray, local_length: np.ndarray,
-          group_runs: np.ndarray, block_size: int, progress: Progress | None = None) -> tuple[bytes, np.ndarray]:
-    """One read of the source: the whole-image checksum and the strong hash of every verification group.
-
-    Also checks that every block is still zero exactly where the digests said so.
-    """
-    hashes = np.zeros((len(group_runs), GROUP_HASH_SIZE), dtype=np.uint8)
-    run_begin = (local_start * block_size).tolist()
-    run_end = ((local_start + local_length) * block_size).tolist()
-    # The index of the group a run closes, or -1 when more runs of its group follow.
-    closes = np.full(len(local_start), -1, dtype=np.int64)
-    closes[np.cumsum(group_runs.astype(np.int64)) - 1] = np.arange(len(group_runs))
-    closes = closes.tolist()
-    next_run = 0
-    open_hash = None
-    threads = 1 if getattr(source, "format", "") == "raw" else 0
-    with TreeHasher(source.size_bytes, threads=threads) as tree:
-        for offset, length, data in iter_segments(source):
-            first = offset // block_size
-            blocks = -(-length // block_size)
-            expect_zero = zero[first : first + blocks]
-            if data is None:
-                if not expect_zero.all():
-                    raise _changed(source.path)
-                tree.add(length, None)
-                continue
-            tree.add(length, data)
-            padded = data
-            if length % block_size:  # the image's partial last block, padded as the digests saw it
-                padded = memoryview(bytearray(blocks * block_size))
-                padded[:length] = data
-            words = np.frombuffer(padded, dtype=np.uint64).reshape(blocks, block_size // 8)
-            if not np.array_equal(np.bitwise_or.reduce(words, axis=1) == 0, expect_zero):
-                raise _changed(source.path)
-            segment_end = offset + blocks * block_size
-            while next_run < len(run_begin) and run_begin[next_run] < segment_end:
-                if open_hash is None:
-                    open_hash = strong_hash(STRONG_HASH)
-                a = max(run_begin[next_run], offset) - offset
-                b = min(run_end[next_run], segment_end) - offset
-                open_hash.update(padded[a:b])
-                if run_end[next_run] > segment_end:
-                    break  # the run continues in the next segment
-                if closes[next_run] >= 0:
-                    hashes[closes[next_run]] = np.frombuffer(open_hash.digest(), dtype=np.uint8)
-                    open_hash = None
-                next_run += 1
-            if progress:
-                progress(length)
-        if next_run != len(run_begin):
-            raise _changed(source.path)
-        checksum = tree.digest()
-    return checksum, hashes
-
-
 def build_manifest(image_path: str, host: str, targets: list[tuple[LocalImage, BlockMap]],
                    block_size: int = DEFAULT_BLOCK_SIZE, algorithm: str = DEFAULT_ALGORITHM,
                    digest_progress: Progress | None = None, seal_progress: Progress | None = None,
@@ -236,27 +180,32 @@ def build_manifest(image_path: str, host: str, targets: list[tuple[LocalImage, B
     check_block_size(block_size)
     _check_targets(targets, block_size)
     source = open_image(image_path, image_format)
+    checksum = None
     try:
         digests = digest_source(source, block_size, algorithm, progress=digest_progress)
-        return manifest_from_digests(source, digests, host, targets, seal_progress=seal_progress,
+        checksum = ChecksumThread(source)
+        return manifest_from_digests(source, digests, host, targets, checksum.result, seal_progress,
                                      source_path=image_path)
+    except BaseException:
+        if checksum is not None:
+            checksum.cancel()
+        raise
     finally:
         source.close()
 
 
 def manifest_from_digests(source: ImageSource, digests: ImageDigests, host: str,
-                          targets: list[tuple[LocalImage, BlockMap]],
-                          checksum: bytes | Callable[[], bytes] | None = None,
+                          targets: list[tuple[LocalImage, BlockMap]], checksum: bytes | Callable[[], bytes],
                           seal_progress: Progress | None = None, source_path: str | None = None,
                           indexed: IndexedDigests | None = None) -> Manifest:
     """The manifest of an open ``source`` whose blocks were already digested (``digests``).
 
-    ``checksum`` is the whole-image checksum (or a callable returning it, asked last) when it was
-    computed from the image as the digests saw it (:class:`sketch.stream.ChecksumThread`): the
-    seal then reads only the LOCAL runs for their group hashes. Without it, one read of the whole
-    image computes both and checks that the zero blocks are still where the digests saw them.
-    ``indexed``: the digests' one sort (:func:`sketch.blockmap.index_digests`), when a rank query
-    already made it.
+    ``checksum`` is the whole-image checksum, or a callable returning it (asked last: a
+    :class:`sketch.imagesum.ChecksumThread` started after the digests); the seal reads only the
+    LOCAL runs again, for their group hashes. A change of the image after its digests shows as a
+    checksum the rebuilt image does not match (pack checks it before writing a bundle file, apply
+    before writing the output). ``indexed``: the digests' one sort
+    (:func:`sketch.blockmap.index_digests`), when a rank query already made it.
     """
     block_size = digests.block_size
     _check_targets(targets, block_size)
@@ -270,13 +219,9 @@ def manifest_from_digests(source: ImageSource, digests: ImageDigests, host: str,
     run_kind = plan.kind[start]
     is_local = run_kind == LOCAL
     group_runs = plan_groups(length[is_local], max(1, MAX_GROUP_BYTES // block_size))
-    if checksum is None:
-        checksum, hashes = _seal(source, digests.zero, start[is_local], length[is_local], group_runs, block_size,
-                                 seal_progress)
-    else:
-        hashes = group_hashes(source, start[is_local], length[is_local], group_runs, block_size, seal_progress)
-        if callable(checksum):
-            checksum = checksum()
+    hashes = group_hashes(source, start[is_local], length[is_local], group_runs, block_size, seal_progress)
+    if callable(checksum):
+        checksum = checksum()
     # Keep only the images a LOCAL run uses, numbered in order of first use.
     used, local_image = np.unique(plan.image[start[is_local]], return_inverse=True)
     images = [LocalImage.from_info(targets[int(j)][0]) for j in used]

@@ -23,16 +23,13 @@ from __future__ import annotations
 
 import os
 import struct
-import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import BinaryIO
 
-from .blocks import ImageSource, open_image
+from .blocks import ImageSource
 from .bundle import ADAPT_START_LEVEL, BundleInfo, BundleReader, write_bundle
 from .errors import FormatError, ImageError
-from .imagesum import image_checksum
 from .manifest import MAX_BODY_BYTES, Manifest
 
 MAGIC = b"BSKSTRM\0"
@@ -50,33 +47,6 @@ class StreamInfo:
     @property
     def bytes_written(self) -> int:
         return _PREFIX.size + self.manifest_bytes + self.bundle.bytes_written
-
-
-class ChecksumThread:
-    """The whole-image checksum of an image, computed on a thread of its own with its own reader.
-
-    A sender starts it once the digests are done, so it runs beside rank and the manifest's plan
-    (mostly one core's work) instead of beside the digests (which use every core), and reads from
-    the page cache the digests just filled. :attr:`result` is a callable: the manifest's seal
-    asks for the checksum only when it needs it.
-    """
-
-    def __init__(self, source: ImageSource):
-        self._stop = threading.Event()
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="blocksketch-checksum")
-        self._future = self._pool.submit(self._run, open_image(source.path, source.format))
-        self._pool.shutdown(wait=False)  # the thread ends with its one task
-
-    def _run(self, reader: ImageSource) -> bytes:
-        with reader:  # a second reader: a qcow2 reader's caches are not shared across threads
-            return image_checksum(reader, threads=1, stop=self._stop)
-
-    def result(self) -> bytes:
-        return self._future.result()
-
-    def cancel(self) -> None:
-        self._stop.set()
-        self._future.exception()  # waits for the thread, whatever it ended with
 
 
 def image_stamp(path: str) -> tuple[int, int, int]:

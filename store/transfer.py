@@ -10,10 +10,11 @@ from dataclasses import dataclass
 from sketch.blockmap import index_digests, shared_lookups
 from sketch.blocks import ImageSource, open_image
 from sketch.digests import digest_source
+from sketch.imagesum import ChecksumThread
 from sketch.manifest import LocalImage, Manifest
 from sketch.manifest_build import build_manifest, manifest_from_digests
 from sketch.rank import DEFAULT_EXACT_TOP, DEFAULT_TOP, RankQuery
-from sketch.stream import ChecksumThread, image_stamp
+from sketch.stream import image_stamp
 
 from .ranking import rank_image
 from .reader import Store
@@ -54,7 +55,7 @@ def prepare_send(store: Store, image: str, host: str | None = None, *, block_siz
 
     The digests rank the fleet and plan the manifest (sorted once for both); the whole-image
     checksum is computed on a second thread while rank and the plan, mostly one core's work, run
-    (:class:`sketch.stream.ChecksumThread`); the seal then reads just the LOCAL runs again.
+    (:class:`sketch.imagesum.ChecksumThread`); the seal then reads just the LOCAL runs again.
     """
     block_size = store.check_block_size(block_size)
     path = os.path.abspath(image)
