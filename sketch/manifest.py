@@ -59,22 +59,35 @@ class LocalImage:
     host: str
     path: str
     image_id: str
-    size_bytes: int
+    size_bytes: int  # of the file, part of its identity
     mtime_ns: int
+    # Guest-visible blocks at the manifest's block size: LOCAL runs are bounded by these, not by
+    # the file's size (a thin qcow2 file is smaller than its disk). None in manifests written
+    # before it was recorded, which only ever named raw images (file size = disk size).
+    total_blocks: int | None = None
 
     @classmethod
     def from_info(cls, info) -> LocalImage:
         """From a ``store`` ImageInfo (or anything with the same attributes)."""
-        return cls(str(info.host), str(info.path), str(info.image_id), int(info.size_bytes), int(info.mtime_ns))
+        return cls(str(info.host), str(info.path), str(info.image_id), int(info.size_bytes), int(info.mtime_ns),
+                   int(info.total_blocks))
 
     def matches(self, info) -> bool:
         """Whether an index entry still describes the same image as when the manifest was built."""
-        return (str(info.host), str(info.path), str(info.image_id), int(info.size_bytes), int(info.mtime_ns)) == (
+        same = (str(info.host), str(info.path), str(info.image_id), int(info.size_bytes), int(info.mtime_ns)) == (
             self.host, self.path, self.image_id, self.size_bytes, self.mtime_ns)
+        return same and (self.total_blocks is None or int(info.total_blocks) == self.total_blocks)
+
+    def blocks(self, block_size: int) -> int:
+        """Blocks a LOCAL run may read from this image."""
+        return self.total_blocks if self.total_blocks is not None else block_count(self.size_bytes, block_size)
 
     def as_dict(self) -> dict:
-        return {"host": self.host, "path": self.path, "image_id": self.image_id,
-                "size_bytes": self.size_bytes, "mtime_ns": self.mtime_ns}
+        found = {"host": self.host, "path": self.path, "image_id": self.image_id,
+                 "size_bytes": self.size_bytes, "mtime_ns": self.mtime_ns}
+        if self.total_blocks is not None:
+            found["total_blocks"] = self.total_blocks
+        return found
 
 
 @dataclass
@@ -293,9 +306,12 @@ def _decode(doc, what: str) -> Manifest:
     for entry in _field(doc, "images", list, what):
         if not isinstance(entry, dict):
             raise FormatError(f"{what} is corrupt (bad image entry)")
+        total_blocks = _field(entry, "total_blocks", int, what) if "total_blocks" in entry else None
+        if total_blocks is not None and not 0 < total_blocks < 1 << 62:
+            raise FormatError(f"{what} is corrupt (bad image entry)")
         images.append(LocalImage(_field(entry, "host", str, what), _field(entry, "path", str, what),
                                  _field(entry, "image_id", str, what), _field(entry, "size_bytes", int, what),
-                                 _field(entry, "mtime_ns", int, what)))
+                                 _field(entry, "mtime_ns", int, what), total_blocks))
     runs = _field(doc, "runs", dict, what)
     kind = _unpack(runs, "kind", "u1", what)
     length = _unpack(runs, "length", "<u8", what, len(kind)).astype(np.uint64)
@@ -329,7 +345,7 @@ def _decode(doc, what: str) -> Manifest:
     if n_local:
         if (local_image >= len(images)).any() or (local_block < 0).any():
             raise FormatError(f"{what} is corrupt (bad local run)")
-        image_blocks = np.array([block_count(i.size_bytes, block_size) for i in images], dtype=np.int64)
+        image_blocks = np.array([i.blocks(block_size) for i in images], dtype=np.int64)
         if (local_block + length[kind == LOCAL].astype(np.int64) > image_blocks[local_image]).any():
             raise FormatError(f"{what} is corrupt (a local run reaches past its image)")
     manifest.local_block = local_block.astype(np.uint64)
