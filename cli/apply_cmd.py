@@ -8,7 +8,16 @@ from sketch.apply import MissingBlocks, apply_manifest, resolve_local_sources
 from sketch.manifest import Manifest
 from store import open_store
 
-from .common import Progress, emit_json, human_bytes, json_option, rebuild_options, redis_option, show_progress
+from .common import (
+    Progress,
+    destination_host,
+    emit_json,
+    human_bytes,
+    json_option,
+    rebuild_options,
+    redis_option,
+    show_progress,
+)
 
 
 def apply_with_store(store, manifest: Manifest, bundles: list[str], output: str, host: str | None, force: bool,
@@ -48,6 +57,7 @@ def command(manifest_path: str, bundles: tuple[str, ...], output: str, host: str
       blocksketch apply vm.manifest vm.bundle vm.extra -o vm.qcow2 --output-format qcow2
     """
     manifest = Manifest.load(manifest_path)
+    host = destination_host(host, manifest.host, "manifest")
     try:
         with open_store(redis_url) as store:
             result = apply_with_store(store, manifest, list(bundles), output, host, force, output_format,

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import socket
 import sys
 from collections.abc import Iterable
 
@@ -103,6 +105,44 @@ def print_table(headers: list[str], rows: Iterable[list], right_align_from: int 
         click.echo(line(row))
 
 
+HOST_ENV = "BLOCKSKETCH_HOST"
+
+
+def this_host() -> str:
+    """The name this machine is indexed under unless told otherwise (``index --host``'s default):
+    ``$BLOCKSKETCH_HOST``, else the host name."""
+    return os.environ.get(HOST_ENV) or socket.gethostname()
+
+
+def destination_host(given: str | None, made_for: str, source: str) -> str:
+    """The host a rebuild reads local images of: ``--host``, else this machine, which must be the
+    host the ``source`` ("manifest", "stream") was made for; another host's images are not ours to
+    read just because a file says so."""
+    if given is not None:
+        return given
+    host = this_host()
+    if host != made_for:
+        raise UsageError(f"the {source} was made for host {made_for!r}, but this machine is {host!r}: run it there, "
+                         f"or pass --host {made_for} if this machine is indexed under that name")
+    return host
+
+
+source_host_option = click.option(
+    "--from", "source_host", default=None, metavar="HOST",
+    help="The host IMAGE lives on, left out of the ranking [default: this machine's host name, when the index "
+         "holds it: a source indexed by its own node's refresh job would otherwise win with nothing to send].",
+)
+
+
+def source_hosts(source_host: str | None, exclude_hosts: tuple[str, ...]) -> tuple[str | None, tuple[str, ...]]:
+    """``(lenient, strict)`` exclusions for a local image: this machine is left out only if indexed,
+    while a host named with --from must be indexed, like one named with --exclude-host (a typo
+    would otherwise let the source's own host win)."""
+    if source_host is None:
+        return this_host(), tuple(exclude_hosts)
+    return None, (*exclude_hosts, source_host)
+
+
 redis_option = click.option(
     "--redis", "redis_url", envvar="BLOCKSKETCH_REDIS_URL", default=None, metavar="URL",
     help="Index store: a redis://, rediss:// or unix:// URL of a node or a cluster "
@@ -138,7 +178,8 @@ def rebuild_options(source: str):
     options = [
         click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Image file to create."),
         click.option("--host", default=None,
-                     help=f"This host's name in the index [default: the {source}'s destination; must match it]."),
+                     help=f"This host's name in the index; must be the {source}'s destination [default: "
+                          f"${HOST_ENV}, else this machine's host name]."),
         click.option("--force", is_flag=True, help="Overwrite OUTPUT if it exists."),
         click.option("--output-format", type=click.Choice(OUTPUT_FORMATS), default="raw", show_default=True,
                      help="Write a sparse raw image, or convert it to qcow2 (qemu-img) once verified."),

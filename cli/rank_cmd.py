@@ -25,6 +25,8 @@ from .common import (
     server_option,
     service_client,
     show_progress,
+    source_host_option,
+    source_hosts,
     token_file_option,
 )
 
@@ -69,20 +71,22 @@ def print_ranking(result: dict) -> None:
               help="Best-estimated hosts to confirm with an exact pass over their block maps (0: estimate only).")
 @click.option("--exclude-host", "exclude_hosts", multiple=True, metavar="HOST",
               help="Leave this host out (repeatable), e.g. the image's current host.")
+@source_host_option
 @block_size_option(default=None)
 @format_option
 @redis_option
 @server_option
 @token_file_option
 @json_option
-def command(image: str, top: int, exact_top: int, exclude_hosts: tuple[str, ...], block_size: int | None,
-            image_format: str | None, redis_url: str | None, server_url: str | None, token_file: str | None,
-            as_json: bool) -> None:
+def command(image: str, top: int, exact_top: int, exclude_hosts: tuple[str, ...], source_host: str | None,
+            block_size: int | None, image_format: str | None, redis_url: str | None, server_url: str | None,
+            token_file: str | None, as_json: bool) -> None:
     """Rank every indexed host by how much of IMAGE it already holds.
 
     IMAGE is a local image file, raw or qcow2 (digested here; it need not be indexed; --format
-    overrides the detected format) or HOST:PATH naming an indexed image (its stored block map
-    is used and its own host is left out). Every host gets a
+    overrides the detected format; the host it lives on, this machine unless --from says
+    otherwise, is left out) or HOST:PATH naming an indexed image (its stored block map is used
+    and its own host is left out). Every host gets a
     fast estimate from its ranking sketch, with a 95% error bound in points; the best --exact-top
     hosts are then checked exactly against their images' block maps (the numbers `compare`
     prints against the union of the host's images), and the highest exact share wins.
@@ -96,12 +100,16 @@ def command(image: str, top: int, exact_top: int, exclude_hosts: tuple[str, ...]
     if image_format is not None and not os.path.exists(image):
         raise UsageError(f"--format is for a local image file; {image} is not one (an indexed HOST:PATH is "
                          "ranked from its stored block map)")
+    if source_host is not None and not os.path.exists(image):
+        raise UsageError(f"--from is for a local image file; {image} is not one (an indexed HOST:PATH names its "
+                         "host)")
+    lenient, exclude_hosts = source_hosts(source_host, exclude_hosts)
     if server_url:
         result = rank_with_service(server_url, token_file, image, top, exact_top, exclude_hosts, block_size,
-                                   show_progress(as_json), image_format)
+                                   show_progress(as_json), image_format, lenient)
     else:
         result = rank_with_store(redis_url, image, top, exact_top, exclude_hosts, block_size, show_progress(as_json),
-                                 image_format)
+                                 image_format, lenient)
     if as_json:
         emit_json(result)
     else:
@@ -117,7 +125,7 @@ def local_query(image: str, block_size: int, progress: bool, image_format: str |
 
 def rank_with_service(server_url: str, token_file: str | None, image: str, top: int, exact_top: int,
                       exclude_hosts: tuple[str, ...], block_size: int | None, progress: bool,
-                      image_format: str | None = None) -> dict:
+                      image_format: str | None = None, source_host: str | None = None) -> dict:
     """Ask the service: an indexed image by name, a local one as its digests and counts."""
     from server.handlers import rank_query_to_body
 
@@ -126,6 +134,8 @@ def rank_with_service(server_url: str, token_file: str | None, image: str, top: 
         if os.path.exists(image):
             query = local_query(image, client.check_block_size(block_size), progress, image_format)
             query.require_data()
+            if source_host is not None:
+                options["source_host"] = source_host
             return client.rank({**rank_query_to_body(query), **options})
         if parse_indexed(image) is None:
             raise ImageError(f"no such image: {image} (give a local image file or HOST:PATH of an indexed image)")
@@ -135,12 +145,13 @@ def rank_with_service(server_url: str, token_file: str | None, image: str, top: 
 
 
 def rank_with_store(redis_url: str | None, image: str, top: int, exact_top: int, exclude_hosts: tuple[str, ...],
-                    block_size: int | None, progress: bool, image_format: str | None = None) -> dict:
+                    block_size: int | None, progress: bool, image_format: str | None = None,
+                    source_host: str | None = None) -> dict:
     with open_store(redis_url) as store:
         if os.path.exists(image):
             query = local_query(image, store.check_block_size(block_size), progress, image_format)
             return rank_image(store, query, top=top, exact_top=exact_top, exclude_hosts=exclude_hosts,
-                              block_size=block_size)
+                              block_size=block_size, source_host=source_host)
         if parse_indexed(image) is not None:
             return rank_image(store, image, top=top, exact_top=exact_top, exclude_hosts=exclude_hosts,
                               block_size=block_size)

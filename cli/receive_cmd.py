@@ -11,7 +11,16 @@ from sketch.errors import UsageError
 from sketch.stream import open_stream_bundle, read_stream_manifest
 from store import open_store
 
-from .common import Progress, emit_json, human_bytes, json_option, rebuild_options, redis_option, show_progress
+from .common import (
+    Progress,
+    destination_host,
+    emit_json,
+    human_bytes,
+    json_option,
+    rebuild_options,
+    redis_option,
+    show_progress,
+)
 
 
 @click.command("receive")
@@ -46,9 +55,10 @@ def command(stream: str, output: str, host: str | None, force: bool, output_form
         what = f"stream {stream}"
     try:
         manifest = read_stream_manifest(handle, what)
+        host = destination_host(host, manifest.host, "stream")
         with open_store(redis_url) as store:
             store.check_block_size(manifest.block_size)
-            local = resolve_local_sources(manifest, host or manifest.host, store.image)
+            local = resolve_local_sources(manifest, host, store.image)
         reader = open_stream_bundle(handle, manifest, what)
         progress = show_progress(as_json)
         with Progress(progress, manifest.size_bytes - manifest.byte_counts()["zero"], "receive") as bar:

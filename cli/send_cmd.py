@@ -26,6 +26,8 @@ from .common import (
     percent,
     redis_option,
     show_progress,
+    source_host_option,
+    source_hosts,
 )
 
 
@@ -50,7 +52,8 @@ def _parse_level(ctx, param, value: str) -> int | None:
 @click.option("--exact-top", type=click.IntRange(min=0), default=DEFAULT_EXACT_TOP, show_default=True,
               help="Without --to: best-estimated hosts to confirm with an exact pass (0: trust the estimate).")
 @click.option("--exclude-host", "exclude_hosts", multiple=True, metavar="HOST",
-              help="Without --to: never pick this host (repeatable), e.g. the image's current host.")
+              help="Without --to: never pick this host (repeatable).")
+@source_host_option
 @click.option("--level", default="auto", show_default=True, callback=_parse_level,
               help="zstd level of the blocks sent (1-22), or auto: 3, raised to 6 or 9 once the link turns out "
                    "to be much slower than compression.")
@@ -59,11 +62,12 @@ def _parse_level(ctx, param, value: str) -> int | None:
 @redis_option
 @json_option
 def command(image: str, host: str | None, output: str, exact_top: int, exclude_hosts: tuple[str, ...],
-            level: int | None, block_size: int | None, image_format: str | None, redis_url: str | None,
+            source_host: str | None, level: int | None, block_size: int | None, image_format: str | None, redis_url: str | None,
             as_json: bool) -> None:
     """Stream IMAGE to the host that already holds most of it, for `blocksketch receive` there.
 
-    Digests IMAGE once: the digests rank the fleet (unless --to names the host) and build the
+    Digests IMAGE once: the digests rank the fleet (unless --to names the host; the host IMAGE
+    lives on, this machine unless --from says otherwise, is left out) and build the
     manifest against the chosen host's images, while the whole-image checksum the receiver
     verifies is taken beside them. The stream (manifest, then the blocks the host lacks, compressed) starts
     as soon as the manifest is sealed, so the receiver copies its local blocks while the rest is
@@ -76,8 +80,9 @@ def command(image: str, host: str | None, output: str, exact_top: int, exclude_h
       blocksketch send vm.img --exclude-host node-3 --json 2>report.json | ssh node-7 blocksketch receive -o vm.img
       blocksketch send vm.qcow2 --to node-7 -o vm.stream --json
     """
-    if host is not None and (exclude_hosts or exact_top != DEFAULT_EXACT_TOP):
-        raise UsageError("--exact-top and --exclude-host choose the host; they do not go with --to")
+    if host is not None and (exclude_hosts or source_host or exact_top != DEFAULT_EXACT_TOP):
+        raise UsageError("--exact-top, --exclude-host and --from choose the host; they do not go with --to")
+    lenient, exclude_hosts = source_hosts(source_host, exclude_hosts)
     to_stdout = output == "-"
     if to_stdout and sys.stdout.isatty():
         raise UsageError("the stream is binary: pipe it (e.g. into `ssh HOST blocksketch receive -o FILE`) "
@@ -89,7 +94,8 @@ def command(image: str, host: str | None, output: str, exact_top: int, exclude_h
         total = data_bytes(image, block_size, image_format) if progress else 0
         with Progress(progress, total, f"digest {os.path.basename(image)}") as digest_bar:
             outgoing = prepare_send(store, image, host, block_size=block_size, image_format=image_format,
-                                    exact_top=exact_top, exclude_hosts=exclude_hosts, digest_progress=digest_bar)
+                                    exact_top=exact_top, exclude_hosts=exclude_hosts, source_host=lenient,
+                                    digest_progress=digest_bar)
     prepared = time.perf_counter()
     try:
         info = _write(outgoing, output, level, progress)

@@ -13,6 +13,7 @@ from sketch.blockmap import key_digests
 from sketch.digests import DIGEST_SIZE
 from sketch.errors import ImageError, UsageError
 from sketch.rank import DEFAULT_EXACT_TOP, DEFAULT_TOP, RankQuery
+from store.keys import check_host
 from store.ranking import current_fleet, rank_image
 from store.transfer import host_manifest
 
@@ -123,8 +124,11 @@ def rank(state: ServiceState, params: dict, body: dict) -> dict:
     if not isinstance(exclude, list) or not all(isinstance(h, str) for h in exclude):
         raise UsageError("'exclude_hosts' must be a list of host names")
     if "digests" in body:
+        source_host = body.get("source_host")
+        if source_host is not None:
+            check_host(string_field(body, "source_host"))
         return rank_image(state.store, rank_query_from_body(body), top=top, exact_top=exact_top,
-                          exclude_hosts=exclude, fleet_max_age_s=FLEET_MAX_AGE_S)
+                          exclude_hosts=exclude, fleet_max_age_s=FLEET_MAX_AGE_S, source_host=source_host)
     image = string_field(body, "image")
     split_image_name(image)
     key = (state.store.url, image, top, exact_top, tuple(sorted(set(exclude))))

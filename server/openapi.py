@@ -70,6 +70,8 @@ RANK_QUERY_MSGPACK = {
         "top": {"type": "integer", "minimum": 1, "maximum": 100000},
         "exact_top": {"type": "integer", "minimum": 0, "maximum": 64},
         "exclude_hosts": {"type": "array", "items": {"type": "string"}},
+        "source_host": {"type": "string", "description": "the host the image lives on: left out when indexed "
+                                                          "(no error when it is not)"},
     },
 }
 

@@ -195,11 +195,16 @@ def indexed_query(store: Store, host: str, path: str) -> RankQuery:
 
 def rank_image(store: Store, image: str | RankQuery, *, top: int = DEFAULT_TOP, exact_top: int = DEFAULT_EXACT_TOP,
                exclude_hosts: tuple[str, ...] | list[str] = (), block_size: int | None = None,
-               fleet_max_age_s: float = 0.0) -> dict:
+               fleet_max_age_s: float = 0.0, source_host: str | None = None) -> dict:
     """Rank every indexed host for ``image``: a :class:`RankQuery` (a local or client image) or
     ``"HOST:PATH"`` naming an indexed image (its own host is left out). Returns the dict that
     ``blocksketch rank --json`` prints (:func:`sketch.rank.rank_fleet`). ``fleet_max_age_s``: see
-    :func:`load_fleet`."""
+    :func:`load_fleet`.
+
+    ``source_host``: the host a query image lives on, left out when the index holds it: when every
+    node runs the refresh job, the image is in the index under its own host, which would otherwise
+    win with everything shared and nothing to send. Unlike ``exclude_hosts``, an unindexed one is
+    no error (the source need not be indexed)."""
     index_block_size = store.check_block_size(block_size)
     excluded = list(exclude_hosts)
     if isinstance(image, str):
@@ -224,6 +229,8 @@ def rank_image(store: Store, image: str | RankQuery, *, top: int = DEFAULT_TOP, 
         except NotFound:
             raise FormatError(f"host {host} left the index during ranking; try again") from None
 
+    if source_host is not None and source_host in catalogues:
+        excluded.append(source_host)
     excluded = sorted(set(excluded))
     unknown = [h for h in excluded if h not in catalogues]
     if unknown:

@@ -49,9 +49,10 @@ class Outgoing:
 
 def prepare_send(store: Store, image: str, host: str | None = None, *, block_size: int | None = None,
                  image_format: str | None = None, top: int = DEFAULT_TOP, exact_top: int = DEFAULT_EXACT_TOP,
-                 exclude_hosts: tuple[str, ...] | list[str] = (), digest_progress: Progress | None = None,
-                 seal_progress: Progress | None = None) -> Outgoing:
-    """Read ``image`` once and build its manifest for ``host``, or for rank's winner when None.
+                 exclude_hosts: tuple[str, ...] | list[str] = (), source_host: str | None = None,
+                 digest_progress: Progress | None = None, seal_progress: Progress | None = None) -> Outgoing:
+    """Read ``image`` once and build its manifest for ``host``, or for rank's winner when None
+    (``exclude_hosts`` and ``source_host`` as :func:`store.ranking.rank_image` takes them).
 
     The digests rank the fleet and plan the manifest (sorted once for both); the whole-image
     checksum is computed on a second thread while rank and the plan, mostly one core's work, run
@@ -73,7 +74,8 @@ def prepare_send(store: Store, image: str, host: str | None = None, *, block_siz
             ranking = None
             if host is None:
                 ranking = rank_image(store, RankQuery.from_block_map(indexed.block_map, image), top=top,
-                                     exact_top=exact_top, exclude_hosts=exclude_hosts, block_size=block_size)
+                                     exact_top=exact_top, exclude_hosts=exclude_hosts, block_size=block_size,
+                                source_host=source_host)
                 host = ranking["winner"]
                 clock.lap("rank")
             targets = [(LocalImage.from_info(info), block_map) for info, block_map in store.host_block_maps(host)]

@@ -230,7 +230,7 @@ def test_kill_9_during_apply_leaves_no_output_and_the_next_run_cleans_up(tmp_pat
     fifo = tmp_path / "pipe"
     os.mkfifo(fifo)
     out = tmp_path / "out.img"
-    env = {**os.environ, "BLOCKSKETCH_REDIS_URL": redis_url}
+    env = {**os.environ, "BLOCKSKETCH_REDIS_URL": redis_url, "BLOCKSKETCH_HOST": HOST}
     apply = subprocess.Popen([sys.executable, "-m", "cli", "apply", str(tmp_path / "m"), str(fifo), "-o", str(out)],
                              env=env, stderr=subprocess.PIPE)
     with open(fifo, "wb") as writer:

@@ -16,7 +16,7 @@ HOST = "dst"
 
 
 def run(*args: str, redis_url: str, check: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "BLOCKSKETCH_REDIS_URL": redis_url}
+    env = {**os.environ, "BLOCKSKETCH_REDIS_URL": redis_url, "BLOCKSKETCH_HOST": HOST}
     done = subprocess.run([sys.executable, "-m", "cli", *args], env=env, capture_output=True, text=True)
     if check:
         assert done.returncode == 0, done.stderr
@@ -135,7 +135,7 @@ def test_an_unknown_destination_is_a_clear_error(tmp_path, redis_url, indexed):
 
 def pack_into_apply(manifest: Path, image: str, out: Path, redis_url: str) -> tuple[subprocess.Popen, subprocess.Popen]:
     """``pack IMAGE MANIFEST -o - | apply MANIFEST - -o OUT`` through a real pipe; both finished processes."""
-    env = {**os.environ, "BLOCKSKETCH_REDIS_URL": redis_url}
+    env = {**os.environ, "BLOCKSKETCH_REDIS_URL": redis_url, "BLOCKSKETCH_HOST": HOST}
     pack = subprocess.Popen([sys.executable, "-m", "cli", "pack", image, str(manifest), "-o", "-", "--json"],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     apply = subprocess.Popen([sys.executable, "-m", "cli", "apply", str(manifest), "-", "-o", str(out), "--json"],

@@ -208,7 +208,8 @@ def transfer(images: Images, host: str, out: Path, redis_url: str, *apply_args: 
     manifest, bundle = out.with_suffix(".manifest"), out.with_suffix(".bundle")
     summary = cli_json("manifest", images.source, "--to", host, "-o", str(manifest), redis_url=redis_url)
     packed = cli_json("pack", images.source, str(manifest), "-o", str(bundle), redis_url=redis_url)
-    applied = cli_json("apply", str(manifest), str(bundle), "-o", str(out), *apply_args, redis_url=redis_url)
+    applied = cli_json("apply", str(manifest), str(bundle), "-o", str(out), "--host", host, *apply_args,
+                       redis_url=redis_url)
     return summary, packed, applied
 
 

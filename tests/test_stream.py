@@ -29,8 +29,16 @@ HOST = "dst"
 CLI = [sys.executable, "-m", "cli"]
 
 
-def run(*args: str, redis_url: str, check: bool = True, stdin=None) -> subprocess.CompletedProcess:
+def cli_env(redis_url: str, command: str) -> dict:
+    """The environment of a CLI process; ``receive`` and ``apply`` run as the destination host."""
     env = {**os.environ, "BLOCKSKETCH_REDIS_URL": redis_url}
+    if command in ("receive", "apply"):
+        env["BLOCKSKETCH_HOST"] = HOST
+    return env
+
+
+def run(*args: str, redis_url: str, check: bool = True, stdin=None) -> subprocess.CompletedProcess:
+    env = cli_env(redis_url, args[0])
     done = subprocess.run([*CLI, *args], env=env, capture_output=True, stdin=stdin)
     if check:
         assert done.returncode == 0, done.stderr.decode()
@@ -39,9 +47,10 @@ def run(*args: str, redis_url: str, check: bool = True, stdin=None) -> subproces
 
 def pipe(send_args: list[str], receive_args: list[str], redis_url: str) -> tuple[subprocess.CompletedProcess, ...]:
     """``blocksketch send ... | blocksketch receive ...`` through an OS pipe; both results."""
-    env = {**os.environ, "BLOCKSKETCH_REDIS_URL": redis_url}
-    sender = subprocess.Popen([*CLI, "send", *send_args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    receiver = subprocess.Popen([*CLI, "receive", *receive_args], env=env, stdin=sender.stdout,
+    sender = subprocess.Popen([*CLI, "send", *send_args], env=cli_env(redis_url, "send"), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE)
+    receiver = subprocess.Popen([*CLI, "receive", *receive_args], env=cli_env(redis_url, "receive"),
+                                stdin=sender.stdout,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     sender.stdout.close()  # the receiver holds the only read end: a dead receiver gives the sender EPIPE
     out, err = receiver.communicate(timeout=120)
