@@ -62,8 +62,8 @@ def _parse_level(ctx, param, value: str) -> int | None:
 @redis_option
 @json_option
 def command(image: str, host: str | None, output: str, exact_top: int, exclude_hosts: tuple[str, ...],
-            source_host: str | None, level: int | None, block_size: int | None, image_format: str | None, redis_url: str | None,
-            as_json: bool) -> None:
+            source_host: str | None, level: int | None, block_size: int | None, image_format: str | None,
+            redis_url: str | None, as_json: bool) -> None:
     """Stream IMAGE to the host that already holds most of it, for `blocksketch receive` there.
 
     Digests IMAGE once: the digests rank the fleet (unless --to names the host; the host IMAGE
