@@ -21,7 +21,7 @@ from .common import (
 
 
 def apply_with_store(store, manifest: Manifest, bundles: list[str], output: str, host: str | None, force: bool,
-                     output_format: str, ranges_out: str | None, progress: bool):
+                     output_format: str, ranges_out: str | None, progress: bool, inputs: list[str] | tuple = ()):
     """Resolve the manifest's local images through ``host``'s own index entries, then apply."""
     host = host or manifest.host
     store.check_block_size(manifest.block_size)
@@ -30,7 +30,7 @@ def apply_with_store(store, manifest: Manifest, bundles: list[str], output: str,
     with Progress(progress, manifest.size_bytes - counts["zero"], "apply") as bar:
         return apply_manifest(manifest, bundles, output, [path for path, _ in local], force=force,
                               output_format=output_format, ranges_file=ranges_out, progress=bar,
-                              local_formats=[image_format for _, image_format in local])
+                              local_formats=[image_format for _, image_format in local], inputs=inputs)
 
 
 @click.command("apply")
@@ -61,7 +61,7 @@ def command(manifest_path: str, bundles: tuple[str, ...], output: str, host: str
     try:
         with open_store(redis_url) as store:
             result = apply_with_store(store, manifest, list(bundles), output, host, force, output_format,
-                                      ranges_out, show_progress(as_json))
+                                      ranges_out, show_progress(as_json), inputs=[manifest_path])
     except MissingBlocks as missing:
         if as_json:
             emit_json({"status": "missing", "ranges_file": missing.ranges_file,

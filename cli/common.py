@@ -34,6 +34,26 @@ def block_size_option(default: int | None = DEFAULT_BLOCK_SIZE):
     )
 
 
+def _parse_level(ctx, param, value: str) -> int | None:
+    if value == "auto":
+        return None
+    try:
+        level = int(value)
+    except ValueError:
+        level = 0
+    if not 1 <= level <= 22:
+        raise click.BadParameter(f"{value!r} is not auto or a zstd level from 1 to 22")
+    return level
+
+
+level_option = click.option(
+    "--level", default="auto", show_default=True, callback=_parse_level, metavar="auto|1-22",
+    help="zstd level of the blocks sent, or auto: 3, raised once to 6 or 9 when the output turns out to be much "
+         "slower than compression (a slow link).")
+
+force_option = click.option("--force", is_flag=True,
+                            help="Overwrite the output file if it exists (never one of the command's inputs).")
+
 json_option = click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON instead of a table.")
 
 format_option = click.option(
@@ -92,7 +112,7 @@ def human_bytes(count: int | None) -> str:
     return f"{count} B"  # pragma: no cover
 
 
-def print_table(headers: list[str], rows: Iterable[list], right_align_from: int = 1) -> None:
+def print_table(headers: list[str], rows: Iterable[list], right_align_from: int = 1, err: bool = False) -> None:
     rows = [[str(cell) for cell in row] for row in rows]
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
 
@@ -100,9 +120,9 @@ def print_table(headers: list[str], rows: Iterable[list], right_align_from: int 
         return "  ".join(c.rjust(w) if i >= right_align_from else c.ljust(w)
                          for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
 
-    click.echo(line(headers))
+    click.echo(line(headers), err=err)
     for row in rows:
-        click.echo(line(row))
+        click.echo(line(row), err=err)
 
 
 HOST_ENV = "BLOCKSKETCH_HOST"
@@ -180,7 +200,7 @@ def rebuild_options(source: str):
         click.option("--host", default=None,
                      help=f"This host's name in the index; must be the {source}'s destination [default: "
                           f"${HOST_ENV}, else this machine's host name]."),
-        click.option("--force", is_flag=True, help="Overwrite OUTPUT if it exists."),
+        force_option,
         click.option("--output-format", type=click.Choice(OUTPUT_FORMATS), default="raw", show_default=True,
                      help="Write a sparse raw image, or convert it to qcow2 (qemu-img) once verified."),
         click.option("--ranges-out", type=click.Path(dir_okay=False), default=None,

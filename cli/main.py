@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from sketch.errors import BlocksketchError
+from sketch.errors import BlocksketchError, ForceNeeded
 
 
 class BlocksketchGroup(click.Group):
@@ -33,7 +33,8 @@ class BlocksketchGroup(click.Group):
         except BlocksketchError as exc:
             if ctx.obj and ctx.obj.get("debug"):
                 raise
-            click.echo(f"blocksketch: error: {exc}", err=True)
+            hint = "; pass --force to overwrite it" if isinstance(exc, ForceNeeded) else ""
+            click.echo(f"blocksketch: error: {exc}{hint}", err=True)
             ctx.exit(exc.exit_code)
         except KeyboardInterrupt:
             click.echo("blocksketch: interrupted", err=True)

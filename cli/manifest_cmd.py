@@ -3,20 +3,23 @@
 from __future__ import annotations
 
 import base64
+import json
 import os
+import sys
 
 import click
 
 from sketch.digests import data_bytes
 from sketch.errors import FormatError, UsageError
 from sketch.manifest import KIND_NAMES, Manifest
+from sketch.output import STDOUT, check_output
 from store import open_store
 from store.transfer import host_manifest
 
 from .common import (
     Progress,
     block_size_option,
-    emit_json,
+    force_option,
     format_option,
     human_bytes,
     json_option,
@@ -64,15 +67,17 @@ def summary_rows(summary: dict) -> list[list]:
 @click.command("manifest")
 @click.argument("image", type=click.Path(dir_okay=False))
 @click.option("--to", "host", required=True, help="Destination host, as named in the index.")
-@click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
-              help="Manifest file to write [default: IMAGE's name + .HOST.manifest, here].")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, allow_dash=True), default=None,
+              help="Manifest file to write, - for stdout (the summary then goes to stderr) [default: IMAGE's name + "
+                   ".HOST.manifest, here].")
+@force_option
 @block_size_option(default=None)
 @format_option
 @redis_option
 @server_option
 @token_file_option
 @json_option
-def command(image: str, host: str, output: str | None, block_size: int | None, image_format: str | None,
+def command(image: str, host: str, output: str | None, force: bool, block_size: int | None, image_format: str | None,
             redis_url: str | None, server_url: str | None, token_file: str | None, as_json: bool) -> None:
     """Write the transfer manifest of IMAGE for host HOST (--to).
 
@@ -90,6 +95,11 @@ def command(image: str, host: str, output: str | None, block_size: int | None, i
       blocksketch manifest node-3:/srv/vm.img --to node-7 --server http://ranker:8470
     """
     output = output or f"{os.path.basename(image)}.{host}.manifest"
+    to_stdout = output == STDOUT
+    if to_stdout and sys.stdout.isatty():
+        raise UsageError("a manifest is binary: redirect it (> FILE) or pipe it, or write it to a file with -o")
+    inputs = [] if server_url else [image]
+    check_output(output, force=force, inputs=inputs, what="manifest")  # before any long work
     if server_url:
         if image_format is not None:
             raise UsageError("--format is for a local IMAGE; with --server the service reads the indexed image")
@@ -97,12 +107,12 @@ def command(image: str, host: str, output: str | None, block_size: int | None, i
     else:
         with open_store(redis_url) as store:
             manifest = manifest_from_store(store, image, host, block_size, show_progress(as_json), image_format)
-    size = manifest.save(output)
+    size = manifest.save(output, force=force, inputs=inputs)
     summary = {"manifest": output, "manifest_bytes": size, **manifest.summary()}
     if as_json:
-        emit_json(summary)
+        click.echo(json.dumps(summary), err=to_stdout)
         return
     click.echo(f"{image} -> {host}: {manifest.total_blocks} blocks of {manifest.block_size} B, "
-               f"{len(manifest.images)} local image(s) used")
-    print_table(["kind", "blocks", "bytes", "runs"], summary_rows(summary))
-    click.echo(f"manifest: {output} ({human_bytes(size)})")
+               f"{len(manifest.images)} local image(s) used", err=to_stdout)
+    print_table(["kind", "blocks", "bytes", "runs"], summary_rows(summary), err=to_stdout)
+    click.echo(f"manifest: {'stdout' if to_stdout else output} ({human_bytes(size)})", err=to_stdout)

@@ -3,20 +3,20 @@
 from __future__ import annotations
 
 import os
-import socket
 
 import click
 
 from sketch.blockmap import BlockMap
 from sketch.blocks import detect_format
 from sketch.errors import ImageError, NotFound, UsageError
-from sketch.heatmap import check_writable
 from sketch.matrix import CELL_VALUES, DEFAULT_CELL_VALUE, ShareMatrix, bytes_to_digest, expand_paths, load_images
+from sketch.output import check_output
 
 from .common import (
     Progress,
     block_size_option,
     emit_json,
+    force_option,
     format_option,
     human_bytes,
     json_option,
@@ -24,6 +24,7 @@ from .common import (
     print_table,
     redis_option,
     show_progress,
+    this_host,
 )
 
 
@@ -83,12 +84,13 @@ def _load(paths: list[str], block_size: int, progress_enabled: bool, lookup,
 @click.option("--use-index", is_flag=True,
               help="Take block maps from the index for images it holds unchanged (same size, mtime, inode, "
                    "block size) under --host; digest only the others.")
-@click.option("--host", default=socket.gethostname, show_default="this machine's host name",
+@click.option("--host", default=this_host, show_default="$BLOCKSKETCH_HOST, else this machine's host name",
               help="With --use-index: the host the images were indexed under.")
+@force_option
 @redis_option
 @json_option
 def command(paths: tuple[str, ...], block_size: int, image_format: str | None, html_path: str | None,
-            png_path: str | None, color_by: str, use_index: bool, host: str, redis_url: str | None,
+            png_path: str | None, color_by: str, use_index: bool, host: str, force: bool, redis_url: str | None,
             as_json: bool) -> None:
     """Every image in PATHS (files or directories of images) against every other, exactly.
 
@@ -110,7 +112,7 @@ def command(paths: tuple[str, ...], block_size: int, image_format: str | None, h
         raise UsageError(f"a matrix needs at least two images, got {len(found)} ({', '.join(found)})")
     for path in (png_path, html_path):
         if path:
-            check_writable(path)  # fail before reading any image, not after
+            check_output(path, force=force, inputs=found, what="heat map")  # fail before reading any image
     progress = show_progress(as_json)
     if use_index:
         from store import open_store
@@ -123,11 +125,11 @@ def command(paths: tuple[str, ...], block_size: int, image_format: str | None, h
     if png_path:
         from sketch.heatmap import render_png
 
-        render_png(matrix, png_path, color_by)
+        render_png(matrix, png_path, color_by, force=force)
     if html_path:
         from sketch.heatmap import render_html
 
-        render_html(matrix, html_path, color_by)
+        render_html(matrix, html_path, color_by, force=force)
     if as_json:
         emit_json(matrix.as_dict())
         return

@@ -10,6 +10,7 @@ import click
 from sketch.apply import OUTPUT_FORMATS, MissingBlocks
 from sketch.bundle import write_bundle
 from sketch.digests import data_bytes
+from sketch.output import check_output
 from store import open_store
 from store.transfer import prepare_send
 
@@ -18,6 +19,7 @@ from .common import (
     Progress,
     block_size_option,
     emit_json,
+    force_option,
     format_option,
     human_bytes,
     json_option,
@@ -38,6 +40,7 @@ def migrate_with_store(store, image: str, host: str, output: str, block_size: in
     blocks to send); ``image_format`` is how to read it (None: detected by magic). An extra bundle
     is made and applied when a local image changed since it was indexed.
     """
+    check_output(output, force=force, inputs=[image])  # before any long work
     directory = os.path.dirname(os.path.abspath(output))
     block_size = store.check_block_size(block_size)
     total = data_bytes(image, block_size, image_format) if progress else 0
@@ -61,11 +64,11 @@ def migrate_with_store(store, image: str, host: str, output: str, block_size: in
             missing_file = os.path.join(scratch, "missing.json")
             try:
                 result = apply_with_store(store, manifest, [main], output, host, force, output_format, missing_file,
-                                          progress)
+                                          progress, inputs=[image])
             except MissingBlocks as missing:
                 extra, extra_bytes = bundle("extra", (missing.start, missing.count))
                 result = apply_with_store(store, manifest, [main, extra], output, host, force, output_format,
-                                          missing_file, progress)
+                                          missing_file + ".again", progress, inputs=[image])
         finally:
             outgoing.close()
     wan = manifest_bytes + bundle_bytes + extra_bytes
@@ -81,7 +84,7 @@ def migrate_with_store(store, image: str, host: str, output: str, block_size: in
 @click.argument("image", type=click.Path(dir_okay=False))
 @click.option("--to", "host", required=True, help="Destination host, as named in the index.")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Image file to create.")
-@click.option("--force", is_flag=True, help="Overwrite OUTPUT if it exists.")
+@force_option
 @click.option("--output-format", type=click.Choice(OUTPUT_FORMATS), default="raw", show_default=True,
               help="Write a sparse raw image, or convert it to qcow2 once verified.")
 @block_size_option(default=None)

@@ -7,12 +7,22 @@ import os
 
 import click
 
-from sketch.bundle import DEFAULT_LEVEL, pack_bundle
+from sketch.bundle import pack_bundle
 from sketch.digests import data_bytes
 from sketch.manifest import Manifest
+from sketch.output import check_output
 from sketch.ranges import read_ranges_file
 
-from .common import Progress, emit_json, format_option, human_bytes, json_option, show_progress
+from .common import (
+    Progress,
+    emit_json,
+    force_option,
+    format_option,
+    human_bytes,
+    json_option,
+    level_option,
+    show_progress,
+)
 
 
 @click.command("pack")
@@ -22,11 +32,11 @@ from .common import Progress, emit_json, format_option, human_bytes, json_option
               help="Bundle file to write; - streams it to stdout (the summary then goes to stderr).")
 @click.option("--ranges", "ranges_path", type=click.Path(dir_okay=False), default=None,
               help="Pack only these block ranges: the ranges file a failed `blocksketch apply` wrote.")
-@click.option("--level", type=click.IntRange(1, 22), default=DEFAULT_LEVEL, show_default=True,
-              help="zstd compression level.")
+@level_option
+@force_option
 @format_option
 @json_option
-def command(image: str, manifest_path: str, output: str, ranges_path: str | None, level: int,
+def command(image: str, manifest_path: str, output: str, ranges_path: str | None, level: int | None, force: bool,
             image_format: str | None, as_json: bool) -> None:
     """Pack the blocks of IMAGE that MANIFEST says must be sent (each content once) into a bundle.
 
@@ -45,6 +55,8 @@ def command(image: str, manifest_path: str, output: str, ranges_path: str | None
       blocksketch pack vm.img vm.manifest -o - | ssh dst blocksketch apply vm.manifest - -o vm.img
       blocksketch pack vm.img vm.manifest --ranges vm.img.missing-ranges.json -o vm.extra
     """
+    inputs = [manifest_path] + ([ranges_path] if ranges_path else [])
+    check_output(output, force=force, inputs=[image, *inputs], what="bundle")
     manifest = Manifest.load(manifest_path)
     ranges = None
     if ranges_path is not None:
@@ -52,7 +64,8 @@ def command(image: str, manifest_path: str, output: str, ranges_path: str | None
     enabled = show_progress(as_json)
     total = data_bytes(image, manifest.block_size, image_format) if enabled else 0
     with Progress(enabled, total, f"pack {os.path.basename(image)}") as progress:
-        info = pack_bundle(image, manifest, output, ranges, level=level, progress=progress, image_format=image_format)
+        info = pack_bundle(image, manifest, output, ranges, level=level, progress=progress, image_format=image_format,
+                           force=force, inputs=inputs)
     result = {"bundle": output, "contents": info.contents, "blocks": info.blocks, "raw_bytes": info.raw_bytes,
               "bundle_bytes": info.bytes_written}
     # With -o -, stdout carries only bundle bytes; the summary goes to stderr.

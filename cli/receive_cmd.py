@@ -64,7 +64,8 @@ def command(stream: str, output: str, host: str | None, force: bool, output_form
         with Progress(progress, manifest.size_bytes - manifest.byte_counts()["zero"], "receive") as bar:
             result = apply_manifest(manifest, [reader], output, [path for path, _ in local], force=force,
                                     output_format=output_format, ranges_file=ranges_out, progress=bar,
-                                    local_formats=[image_format for _, image_format in local])
+                                    local_formats=[image_format for _, image_format in local],
+                                    inputs=[] if stream == "-" else [stream])
     except MissingBlocks as missing:
         if as_json:
             emit_json({"status": "missing", "ranges_file": missing.ranges_file, "blocks": int(missing.count.sum())})

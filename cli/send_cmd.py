@@ -10,7 +10,8 @@ import time
 import click
 
 from sketch.digests import data_bytes
-from sketch.errors import BlocksketchError, UsageError
+from sketch.errors import BlocksketchError, OutputError, UsageError
+from sketch.output import atomic_output, check_output
 from sketch.rank import DEFAULT_EXACT_TOP
 from sketch.stream import write_stream
 from store import open_store
@@ -20,27 +21,17 @@ from .common import (
     Progress,
     block_size_option,
     emit_json,
+    force_option,
     format_option,
     human_bytes,
     json_option,
+    level_option,
     percent,
     redis_option,
     show_progress,
     source_host_option,
     source_hosts,
 )
-
-
-def _parse_level(ctx, param, value: str) -> int | None:
-    if value == "auto":
-        return None
-    try:
-        level = int(value)
-    except ValueError:
-        level = 0
-    if not 1 <= level <= 22:
-        raise click.BadParameter(f"{value!r} is not auto or a zstd level from 1 to 22")
-    return level
 
 
 @click.command("send")
@@ -54,15 +45,14 @@ def _parse_level(ctx, param, value: str) -> int | None:
 @click.option("--exclude-host", "exclude_hosts", multiple=True, metavar="HOST",
               help="Without --to: never pick this host (repeatable).")
 @source_host_option
-@click.option("--level", default="auto", show_default=True, callback=_parse_level,
-              help="zstd level of the blocks sent (1-22), or auto: 3, raised to 6 or 9 once the link turns out "
-                   "to be much slower than compression.")
+@level_option
+@force_option
 @block_size_option(default=None)
 @format_option
 @redis_option
 @json_option
 def command(image: str, host: str | None, output: str, exact_top: int, exclude_hosts: tuple[str, ...],
-            source_host: str | None, level: int | None, block_size: int | None, image_format: str | None,
+            source_host: str | None, level: int | None, force: bool, block_size: int | None, image_format: str | None,
             redis_url: str | None, as_json: bool) -> None:
     """Stream IMAGE to the host that already holds most of it, for `blocksketch receive` there.
 
@@ -87,6 +77,7 @@ def command(image: str, host: str | None, output: str, exact_top: int, exclude_h
     if to_stdout and sys.stdout.isatty():
         raise UsageError("the stream is binary: pipe it (e.g. into `ssh HOST blocksketch receive -o FILE`) "
                          "or write it to a file with -o")
+    check_output(output, force=force, inputs=[image], what="stream")  # before any long work
     started = time.perf_counter()
     progress = show_progress(as_json)
     with open_store(redis_url) as store:
@@ -98,7 +89,7 @@ def command(image: str, host: str | None, output: str, exact_top: int, exclude_h
                                     digest_progress=digest_bar)
     prepared = time.perf_counter()
     try:
-        info = _write(outgoing, output, level, progress)
+        info = _write(outgoing, output, level, progress, force, image)
     finally:
         outgoing.close()
     seconds = {**outgoing.seconds, "before_stream": round(prepared - started, 3),
@@ -131,27 +122,14 @@ def command(image: str, host: str | None, output: str, exact_top: int, exclude_h
                f"{summary['blocks']['zero']} zero)", err=to_stdout)
 
 
-def _write(outgoing, output: str, level: int | None, progress: bool):
-    """Write the stream to stdout as it is made, or to ``output`` through a temp file and a rename."""
+def _write(outgoing, output: str, level: int | None, progress: bool, force: bool, image: str):
+    """Write the stream to stdout as it is made, or to ``output`` as :func:`sketch.output.atomic_output`."""
     manifest = outgoing.manifest
-    temp = None if output == "-" else os.path.join(os.path.dirname(os.path.abspath(output)),
-                                                   f".{os.path.basename(output)}.tmp-{os.getpid()}")
     try:
-        with Progress(progress, manifest.byte_counts()["send"], "send") as bar:
-            if temp is None:
-                info = write_stream(sys.stdout.buffer, outgoing.source, manifest, outgoing.stamp, level, bar)
-                sys.stdout.buffer.flush()
-                return info
-            with open(temp, "wb") as handle:
-                info = write_stream(handle, outgoing.source, manifest, outgoing.stamp, level, bar)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(temp, output)
-            return info
+        with Progress(progress, manifest.byte_counts()["send"], "send") as bar, \
+                atomic_output(output, force=force, inputs=[image], what="stream") as handle:
+            return write_stream(handle, outgoing.source, manifest, outgoing.stamp, level, bar)
     except BrokenPipeError:
         raise BlocksketchError("cannot write the stream to stdout: its reader closed the pipe") from None
     except OSError as exc:
-        raise UsageError(f"cannot write stream {output}: {exc.strerror or exc}") from None
-    finally:
-        if temp is not None and os.path.exists(temp):
-            os.unlink(temp)
+        raise OutputError(f"cannot write stream {output}: {exc.strerror or exc}") from None

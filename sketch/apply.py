@@ -45,6 +45,7 @@ from .bundle import BundleReader, open_bundle
 from .errors import ImageError, NotFound, UsageError, VerificationError
 from .imagesum import SEGMENT_BYTES, leaf, root, segment_count, segments_touched, strong_hash, zero_leaf
 from .manifest import DUP, LOCAL, SEND, ZERO, Manifest
+from .output import check_output, create_exclusive
 from .pids import pid_alive
 from .ranges import mask_ranges, merge_ranges, ranges_mask, write_ranges_file
 
@@ -145,13 +146,15 @@ def default_ranges_file(output: str) -> str:
 
 def apply_manifest(manifest: Manifest, bundles: list[str | BundleReader], output: str, local_paths: list[str],
                    force: bool = False, output_format: str = "raw", ranges_file: str | None = None,
-                   progress: Progress | None = None,
-                   local_formats: list[str | None] | None = None) -> ApplyResult:
+                   progress: Progress | None = None, local_formats: list[str | None] | None = None,
+                   inputs: list[str] | tuple[str, ...] = ()) -> ApplyResult:
     """Rebuild the manifest's image at ``output``; see the module docstring for the guarantees.
 
     ``bundles``: paths (``-`` for stdin) or readers already positioned at a bundle (a migration
     stream's). ``local_paths`` come from :func:`resolve_local_images` (one per ``manifest.images``);
     ``local_formats``, one per path, from :func:`resolve_local_sources` (None: detect by magic).
+    ``output`` replaces an existing file only with ``force``, and never one of the command's own
+    files: the bundles, the local images, ``inputs`` (the manifest's or stream's file).
     """
     if output_format not in OUTPUT_FORMATS:
         raise UsageError(f"unknown output format {output_format!r}; use one of {', '.join(OUTPUT_FORMATS)}")
@@ -165,12 +168,10 @@ def apply_manifest(manifest: Manifest, bundles: list[str | BundleReader], output
     if sum(1 for b in bundles if b == "-") > 1:
         raise UsageError("only one bundle can come from stdin")
     output = os.path.abspath(output)
-    if os.path.isdir(output):
-        raise UsageError(f"{output} is a directory")
-    if os.path.lexists(output) and not force:
-        raise UsageError(f"{output} exists; pass --force to overwrite it")
-    if not os.path.isdir(os.path.dirname(output)):
-        raise UsageError(f"directory {os.path.dirname(output)} does not exist")
+    inputs = [*inputs, *local_paths, *(b for b in bundles if isinstance(b, str))]
+    check_output(output, force=force, inputs=inputs)
+    if ranges_file is not None:
+        check_output(ranges_file, force=force, inputs=[*inputs, output], what="ranges file")
     ranges_file = ranges_file or default_ranges_file(output)
     clean_stale_partials(output)
     temp = partial_path(output)
@@ -186,7 +187,7 @@ def apply_manifest(manifest: Manifest, bundles: list[str | BundleReader], output
             handles.append(handle)
             readers.append(reader)
         covered = _check_coverage(manifest, readers)
-        fd = os.open(temp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        fd = create_exclusive(temp)
         try:
             result = ApplyResult(output, manifest.size_bytes)
             checksum = _Rebuild(fd, manifest, readers, covered, local_paths, local_formats, progress).run(result)
@@ -196,7 +197,8 @@ def apply_manifest(manifest: Manifest, bundles: list[str | BundleReader], output
             handle.close()
         handles.clear()
         if result.missing is not None:
-            write_ranges_file(ranges_file, manifest.manifest_id, manifest.block_size, *result.missing)
+            # Checked above when named; the default one is this output's own list, replaced each time.
+            write_ranges_file(ranges_file, manifest.manifest_id, manifest.block_size, *result.missing, force=True)
             raise MissingBlocks(*result.missing, ranges_file, manifest.block_size)
         if checksum != manifest.checksum:
             raise VerificationError("the rebuilt image does not match the manifest's checksum; no output "
@@ -205,6 +207,7 @@ def apply_manifest(manifest: Manifest, bundles: list[str | BundleReader], output
         if output_format == "qcow2":
             _to_qcow2(temp, converted)
             final = converted
+        check_output(output, force=force, inputs=inputs)  # it may have appeared meanwhile
         os.replace(final, output)
         _sync_directory(os.path.dirname(output))
         if ranges_file == default_ranges_file(output) and os.path.exists(ranges_file):

@@ -23,9 +23,7 @@ docs/manifest-format.md has the full table):
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import os
 import struct
 import sys
 import time
@@ -39,9 +37,10 @@ import numpy as np
 import zstandard
 
 from .blocks import ImageSource, open_image
-from .errors import BlocksketchError, FormatError, UsageError, VerificationError
+from .errors import BlocksketchError, FormatError, OutputError, UsageError, VerificationError
 from .imagesum import CHECKSUM_ALGORITHM, TreeHasher, iter_segments
 from .manifest import SEND, Manifest
+from .output import atomic_output, check_output
 from .ranges import merge_ranges
 
 MAGIC = b"BSKBUNDL"
@@ -117,9 +116,13 @@ def bundle_header(manifest: Manifest, start: np.ndarray, count: np.ndarray, cont
 
 
 def pack_bundle(image_path: str, manifest: Manifest, output: str, ranges: tuple[np.ndarray, np.ndarray] | None = None,
-                level: int = DEFAULT_LEVEL, progress: Progress | None = None,
-                image_format: str | None = None) -> BundleInfo:
-    """Write the bundle of ``image_path`` for ``manifest`` to ``output`` (atomically), or stream it.
+                level: int | None = DEFAULT_LEVEL, progress: Progress | None = None,
+                image_format: str | None = None, force: bool = False,
+                inputs: tuple[str, ...] | list[str] = ()) -> BundleInfo:
+    """Write the bundle of ``image_path`` for ``manifest`` to ``output`` (as
+    :func:`sketch.output.atomic_output`: whole or not at all, ``force`` to replace a file, never
+    onto the image or another of ``inputs``), or stream it. ``level`` None compresses adaptively,
+    as a migration stream does (:func:`write_bundle`'s ``adaptive``).
 
     ``image_format`` ("raw" or "qcow2") is how to read the image, as when the manifest was built;
     None detects it by magic. Checks while packing that the image still has the manifest's
@@ -131,31 +134,18 @@ def pack_bundle(image_path: str, manifest: Manifest, output: str, ranges: tuple[
     written but never the trailer: apply rejects such a truncated bundle ("is truncated") and
     writes no output.
     """
-    stream = output == "-"
-    temp = None
-    if not stream:
-        directory = os.path.dirname(os.path.abspath(output))
-        temp = os.path.join(directory, f".{os.path.basename(output)}.tmp-{os.getpid()}")
+    check_output(output, force=force, inputs=[image_path, *inputs], what="bundle")
     source = open_image(image_path, image_format)
     try:
-        with (contextlib.nullcontext(sys.stdout.buffer) if stream else open(temp, "wb")) as handle:
-            info = write_bundle(handle, source, manifest, ranges, level, progress)
-            handle.flush()
-            if not stream:
-                os.fsync(handle.fileno())
-        if not stream:
-            os.replace(temp, output)
+        with atomic_output(output, force=force, inputs=[image_path, *inputs], what="bundle") as handle:
+            info = write_bundle(handle, source, manifest, ranges, level or DEFAULT_LEVEL, progress,
+                                adaptive=level is None)
     except BrokenPipeError:
         raise BlocksketchError("cannot write the bundle to stdout: its reader closed the pipe") from None
     except OSError as exc:
-        raise UsageError(f"cannot write bundle {output}: {exc.strerror}") from None
+        raise OutputError(f"cannot write bundle {output}: {exc.strerror}") from None
     finally:
         source.close()
-        if temp is not None:
-            try:
-                os.unlink(temp)
-            except FileNotFoundError:
-                pass
     info.path = output
     return info
 

@@ -17,6 +17,14 @@ class UsageError(BlocksketchError):
     exit_code = 2
 
 
+class ForceNeeded(UsageError):
+    """An output file exists and overwriting it was not asked for (the CLI names its flag)."""
+
+
+class OutputError(BlocksketchError):
+    """A file cannot be written: permission denied, disk full, no such directory."""
+
+
 class ImageError(BlocksketchError):
     """An image cannot be read: missing, unreadable, empty, or of an unsupported kind."""
 

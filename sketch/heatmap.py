@@ -12,13 +12,11 @@ from __future__ import annotations
 
 import html
 import math
-import os
-import tempfile
 
 import numpy as np
 
-from .errors import BlocksketchError, UsageError
 from .matrix import CELL_VALUES, DEFAULT_CELL_VALUE, ShareMatrix
+from .output import atomic_output
 
 # ColorBrewer YlGnBu (9 classes), the same ramp as matplotlib's "YlGnBu": light = little shared.
 PALETTE = ["#ffffd9", "#edf8b1", "#c7e9b4", "#7fcdbb", "#41b6c4", "#1d91c0", "#225ea8", "#253494", "#081d58"]
@@ -76,36 +74,8 @@ def _row_label(matrix: ShareMatrix, index: int) -> str:
     return f"{shorten(image.name)}  ({zero * 100:.0f}% zero)"
 
 
-def check_writable(path: str) -> None:
-    """Raise a one-line error now, before any long work, if a heat map cannot be written to ``path``."""
-    directory = os.path.dirname(os.path.abspath(path))
-    if os.path.isdir(path):
-        raise UsageError(f"{path} is a directory; a file name is needed for the heat map")
-    if not os.path.isdir(directory):
-        raise BlocksketchError(f"cannot write {path}: no such directory {directory}")
-    if not os.access(directory, os.W_OK):
-        raise BlocksketchError(f"cannot write {path}: permission denied")
-
-
-def _write_atomically(path: str, write) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    check_writable(path)
-    try:
-        handle, temporary = tempfile.mkstemp(prefix=".heatmap-", dir=directory)
-    except OSError as exc:
-        raise BlocksketchError(f"cannot write {path}: {exc.strerror}") from None
-    try:
-        with os.fdopen(handle, "wb") as out:
-            write(out)
-        os.chmod(temporary, 0o644)
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-        raise
-
-
-def render_png(matrix: ShareMatrix, path: str, cell_value: str = DEFAULT_CELL_VALUE, dpi: int = 110) -> None:
+def render_png(matrix: ShareMatrix, path: str, cell_value: str = DEFAULT_CELL_VALUE, dpi: int = 110,
+               force: bool = False) -> None:
     """Draw the heat map of ``cell_value`` into the PNG file ``path``."""
     import matplotlib
 
@@ -173,7 +143,8 @@ def render_png(matrix: ShareMatrix, path: str, cell_value: str = DEFAULT_CELL_VA
     def write(out) -> None:
         figure.savefig(out, format="png", dpi=dpi)
 
-    _write_atomically(path, write)
+    with atomic_output(path, force=force, inputs=[image.path for image in matrix.images], what="heat map") as out:
+        write(out)
 
 
 def html_page(matrix: ShareMatrix, cell_value: str = DEFAULT_CELL_VALUE) -> str:
@@ -235,7 +206,8 @@ over all blocks of the row image, zeros included. Hover a cell for blocks and by
 """
 
 
-def render_html(matrix: ShareMatrix, path: str, cell_value: str = DEFAULT_CELL_VALUE) -> None:
+def render_html(matrix: ShareMatrix, path: str, cell_value: str = DEFAULT_CELL_VALUE, force: bool = False) -> None:
     """Write :func:`html_page` to ``path``."""
     page = html_page(matrix, cell_value).encode("utf-8")
-    _write_atomically(path, lambda out: out.write(page))
+    with atomic_output(path, force=force, inputs=[image.path for image in matrix.images], what="heat map") as out:
+        out.write(page)

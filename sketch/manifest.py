@@ -23,7 +23,6 @@ packed little-endian numpy arrays in bin fields.
 from __future__ import annotations
 
 import hashlib
-import os
 import struct
 from dataclasses import dataclass, field
 
@@ -35,6 +34,7 @@ from .blocks import MAX_BLOCK_SIZE, block_count, check_block_size
 from .digests import ALGORITHMS
 from .errors import FormatError, UsageError
 from .imagesum import CHECKSUM_ALGORITHM, CHECKSUM_ALGORITHMS, STRONG_HASH
+from .output import write_atomic
 
 ZERO, LOCAL, SEND, DUP = 0, 1, 2, 3
 KIND_NAMES = ("zero", "local", "send", "dup")
@@ -69,8 +69,9 @@ class LocalImage:
     @classmethod
     def from_info(cls, info) -> LocalImage:
         """From a ``store`` ImageInfo (or anything with the same attributes)."""
+        total_blocks = getattr(info, "total_blocks", None)
         return cls(str(info.host), str(info.path), str(info.image_id), int(info.size_bytes), int(info.mtime_ns),
-                   int(info.total_blocks))
+                   None if total_blocks is None else int(total_blocks))
 
     def matches(self, info) -> bool:
         """Whether an index entry still describes the same image as when the manifest was built."""
@@ -220,10 +221,10 @@ class Manifest:
         manifest._id = digest
         return manifest
 
-    def save(self, path: str) -> int:
-        """Write atomically (temp file, rename); return the file's size."""
+    def save(self, path: str, force: bool = False, inputs: tuple[str, ...] | list[str] = ()) -> int:
+        """Write to ``path`` as :func:`sketch.output.atomic_output` does (``-``: stdout); return the size."""
         data = self.to_bytes()
-        write_atomic(path, data)
+        write_atomic(path, data, force=force, inputs=inputs, what="manifest")
         return len(data)
 
     @classmethod
@@ -234,28 +235,6 @@ class Manifest:
         except OSError as exc:
             raise UsageError(f"cannot read manifest {path}: {exc.strerror}") from None
         return cls.from_bytes(data, f"manifest {path}")
-
-
-def write_atomic(path: str, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temp file in the same directory and a rename."""
-    directory = os.path.dirname(os.path.abspath(path))
-    temp = os.path.join(directory, f".{os.path.basename(path)}.tmp-{os.getpid()}")
-    try:
-        with open(temp, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp, path)
-    except OSError as exc:
-        _unlink(temp)
-        raise UsageError(f"cannot write {path}: {exc.strerror}") from None
-
-
-def _unlink(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
 
 
 def _pack(array: np.ndarray, dtype: str) -> bytes:

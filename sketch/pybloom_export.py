@@ -19,14 +19,14 @@ byte (bitarray ``endian='little'``), slice ``i`` holding the bit set by hash ``i
 from __future__ import annotations
 
 import os
-import tempfile
 
 import numpy as np
 import pybloom_live
 
 from .blockmap import key_digests, lexsort_keys
 from .bloom import as_keys
-from .errors import BlocksketchError, UsageError
+from .errors import UsageError
+from .output import atomic_output
 
 KEY_HEX_CHARS = 32
 
@@ -65,32 +65,13 @@ def to_pybloom(keys: np.ndarray, fp_rate: float) -> pybloom_live.BloomFilter:
     return bloom
 
 
-def write_pybloom_file(keys: np.ndarray, path: str | os.PathLike, fp_rate: float) -> int:
-    """Write :func:`to_pybloom` of ``keys`` to ``path`` in pybloom-live's ``tofile`` format.
-
-    The file appears whole or not at all (temporary file in the same directory, then rename).
+def write_pybloom_file(keys: np.ndarray, path: str | os.PathLike, fp_rate: float, force: bool = False) -> int:
+    """Write :func:`to_pybloom` of ``keys`` to ``path`` in pybloom-live's ``tofile`` format
+    (whole or not at all, as :func:`sketch.output.atomic_output`; ``-`` is stdout).
     Returns the number of distinct digests written.
     """
-    bloom = to_pybloom(keys, fp_rate)
     path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    try:
-        handle, temporary = tempfile.mkstemp(prefix=".pybloom-", suffix=".tmp", dir=directory)
-    except OSError as exc:
-        raise BlocksketchError(f"cannot write {path}: {exc.strerror}") from None
-    try:
-        with os.fdopen(handle, "wb") as out:
-            os.fchmod(out.fileno(), 0o644)  # mkstemp's 0600 would hide the export from its readers
-            bloom.tofile(out)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(temporary, path)
-    except BaseException as exc:
-        try:
-            os.unlink(temporary)
-        except FileNotFoundError:
-            pass
-        if isinstance(exc, OSError):
-            raise BlocksketchError(f"cannot write {path}: {exc.strerror}") from None
-        raise
+    bloom = to_pybloom(keys, fp_rate)
+    with atomic_output(path, force=force, what="filter file") as out:
+        bloom.tofile(out)
     return len(bloom)

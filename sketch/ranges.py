@@ -61,14 +61,15 @@ def mask_ranges(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return start, np.flatnonzero(edges == -1) - start
 
 
-def write_ranges_file(path: str, manifest_id: bytes, block_size: int, start: np.ndarray, count: np.ndarray) -> None:
-    """Write a ranges file (atomically)."""
-    from .manifest import write_atomic
+def write_ranges_file(path: str, manifest_id: bytes, block_size: int, start: np.ndarray, count: np.ndarray,
+                      force: bool = False) -> None:
+    """Write a ranges file (atomically, as :func:`sketch.output.write_atomic`)."""
+    from .output import write_atomic
 
     start, count = merge_ranges(start, count)
     document = {"format": FORMAT, "version": VERSION, "manifest_id": manifest_id.hex(), "block_size": block_size,
                 "blocks": int(count.sum()), "ranges": [[int(s), int(c)] for s, c in zip(start, count)]}
-    write_atomic(path, (json.dumps(document) + "\n").encode())
+    write_atomic(path, (json.dumps(document) + "\n").encode(), force=force, what="ranges file")
 
 
 def read_ranges_file(path: str, manifest_id: bytes, total_blocks: int) -> tuple[np.ndarray, np.ndarray]:

@@ -14,7 +14,7 @@ import pytest
 
 from sketch.apply import MissingBlocks, apply_manifest, partial_path, resolve_local_images
 from sketch.bundle import FRAME_BYTES, pack_bundle
-from sketch.errors import FormatError, NotFound, UsageError, VerificationError
+from sketch.errors import ForceNeeded, FormatError, NotFound, UsageError, VerificationError
 from sketch.manifest import LOCAL, MAX_GROUP_BYTES, LocalImage, Manifest
 from sketch.manifest_build import build_manifest
 from sketch.ranges import ranges_mask, read_ranges_file
@@ -197,7 +197,7 @@ def test_an_existing_output_needs_force(tmp_path, store, transfer):
     images, manifest, bundle = transfer
     out = tmp_path / "out.img"
     out.write_bytes(b"precious")
-    with pytest.raises(UsageError, match="--force"):
+    with pytest.raises(ForceNeeded, match="exists"):  # the CLI adds how to overwrite it
         rebuild(store, manifest, [bundle], out)
     assert out.read_bytes() == b"precious"
     rebuild(store, manifest, [bundle], out, force=True)
