@@ -237,3 +237,79 @@ def test_pytest_prints_its_closing_line_with_the_project_configuration(tmp_path,
     assert done.returncode == 0, done.stdout + done.stderr
     assert re.search(r"^=*\s*1 passed, 1 skipped in [\d.]+s", done.stdout, re.MULTILINE), done.stdout
     assert "no frobnicator here" in done.stdout  # every skip's reason is listed
+
+
+def redis_config_args(**replace: str) -> list[str]:
+    """deploy/redis-blocksketch.conf as redis-server command-line options, with ``replace`` (option ->
+    value; None drops it) applied."""
+    args = []
+    for line in (DEPLOY / "redis-blocksketch.conf").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            option, value = line.split(None, 1)
+            value = replace.get(option, value)
+            if value is not None:
+                args += [f"--{option}", *value.split()]
+    return args
+
+
+def cli(url: str, *args: str, tmp_path: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "BLOCKSKETCH_REDIS_URL": url, "BLOCKSKETCH_HOME": str(tmp_path / "home")}
+    return subprocess.run([sys.executable, "-m", "cli", *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=120)
+
+
+@pytest.mark.tools("openssl", "redis-server")
+def test_the_shipped_redis_config_and_acls_let_a_node_index_only_itself_and_readers_rank_from_a_tls_replica(
+        tmp_path):
+    from tests.redis_server import RedisProcess
+    from tests.test_store_connect import make_tls_files
+
+    tls = make_tls_files(tmp_path)
+    passwords = {name: f"pw-{name}" for name in ("admin", "replicator", "reader", "node-7")}
+    acl = (DEPLOY / "redis-users.acl").read_text()
+    for name, password in passwords.items():
+        acl = acl.replace(f">CHANGE-ME-{name}", f">{password}")
+    assert "CHANGE-ME" not in acl and "user default off\n" in acl
+    # the test launcher checks readiness with a plain PING as the default user on a plain loopback port
+    (tmp_path / "users.acl").write_text(acl.replace("user default off\n", "user default on nopass ~* &* +@all\n"))
+    ports = {"primary": free_port(), "replica": free_port()}
+    servers = {}
+    for role in ("primary", "replica"):
+        args = redis_config_args(bind="127.0.0.1", port=None, **{
+            "tls-port": str(ports[role]), "tls-cert-file": str(tls["cert"]), "tls-key-file": str(tls["key"]),
+            "tls-ca-cert-file": str(tls["ca"]), "aclfile": str(tmp_path / "users.acl"), "maxmemory": "256mb"})
+        if role == "replica":
+            args += ["--replicaof", "127.0.0.1", str(ports["primary"]), "--masteruser", "replicator",
+                     "--masterauth", passwords["replicator"]]
+        servers[role] = RedisProcess(tmp_path / role, extra=args).start()
+    try:
+        def url(user: str, role: str) -> str:
+            return f"rediss://{user}:{passwords[user.removeprefix('index-')]}@127.0.0.1:{ports[role]}/0" \
+                   f"?ssl_ca_certs={tls['ca']}"
+
+        images = small_images(tmp_path / "images", 2, 4)
+        done = cli(url("index-node-7", "primary"), "index", "--host", "node-7", str(tmp_path / "images"),
+                   tmp_path=tmp_path)
+        assert done.returncode == 0, done.stderr
+        other = cli(url("index-node-7", "primary"), "index", "--host", "node-8", str(tmp_path / "images"),
+                    tmp_path=tmp_path)
+        assert other.returncode == 1 and "no permissions" in other.stderr, other.stderr
+
+        import redis
+
+        replica = redis.Redis.from_url(servers["replica"].url)
+        deadline = time.monotonic() + 30
+        while not replica.exists("blocksketch:{node-7}:catalogue"):
+            assert time.monotonic() < deadline, replica.info("replication")
+            time.sleep(0.1)
+        assert replica.info("replication")["master_link_status"] == "up"
+        replica.close()
+        ranked = cli(url("reader", "replica"), "rank", str(images[0]), "--json", tmp_path=tmp_path)
+        assert ranked.returncode == 0, ranked.stderr
+        assert json.loads(ranked.stdout)["winner"] == "node-7"
+        refused = cli(url("reader", "replica"), "index", "--host", "node-7", str(tmp_path / "images"),
+                      tmp_path=tmp_path)
+        assert refused.returncode == 1, refused.stderr
+    finally:
+        for server in servers.values():
+            server.stop()
