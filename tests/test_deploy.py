@@ -1,9 +1,11 @@
-"""deploy/: the shipped systemd units and cron line, checked by systemd and run as written; and the
-test-suite rules CI relies on (a skip fails under CI=true, pytest's closing line is printed).
+"""deploy/: the shipped systemd units, cron line, Redis config and ACL file, checked by systemd and
+run as written; and the test-suite rules CI relies on (a skip fails under CI=true, pytest's closing
+line is printed).
 
 The units' commands run for real here, against a real Redis: the venv's path
 (/opt/blocksketch/bin/blocksketch) is replaced by a wrapper running this worktree's ``python -m cli``,
-and /etc/blocksketch by a scratch directory. Everything else is the file as shipped.
+and /etc/blocksketch by a scratch directory. The Redis config runs on loopback with the test's
+certificates and passwords. Everything else is the file as shipped.
 """
 
 from __future__ import annotations
@@ -20,10 +22,12 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+import redis
 
 from sketch.sample import random_blocks, write_image
 from store import open_store
-from tests.redis_server import free_port
+from tests.redis_server import RedisProcess, free_port
+from tests.test_store_connect import make_tls_files
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -261,9 +265,6 @@ def cli(url: str, *args: str, tmp_path: Path) -> subprocess.CompletedProcess:
 @pytest.mark.tools("openssl", "redis-server")
 def test_the_shipped_redis_config_and_acls_let_a_node_index_only_itself_and_readers_rank_from_a_tls_replica(
         tmp_path):
-    from tests.redis_server import RedisProcess
-    from tests.test_store_connect import make_tls_files
-
     tls = make_tls_files(tmp_path)
     passwords = {name: f"pw-{name}" for name in ("admin", "replicator", "reader", "node-7")}
     acl = (DEPLOY / "redis-users.acl").read_text()
@@ -294,8 +295,6 @@ def test_the_shipped_redis_config_and_acls_let_a_node_index_only_itself_and_read
         other = cli(url("index-node-7", "primary"), "index", "--host", "node-8", str(tmp_path / "images"),
                     tmp_path=tmp_path)
         assert other.returncode == 1 and "no permissions" in other.stderr, other.stderr
-
-        import redis
 
         replica = redis.Redis.from_url(servers["replica"].url)
         deadline = time.monotonic() + 30
