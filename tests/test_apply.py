@@ -204,6 +204,7 @@ def test_an_existing_output_needs_force(tmp_path, store, transfer):
     assert out.read_bytes() == Path(images["source"]).read_bytes()
 
 
+@pytest.mark.tools("qemu-img")
 def test_qcow2_output_holds_the_same_image(tmp_path, store, transfer):
     images, manifest, bundle = transfer
     out = tmp_path / "out.qcow2"
@@ -253,6 +254,7 @@ def test_kill_9_during_apply_leaves_no_output_and_the_next_run_cleans_up(tmp_pat
     assert not partial.exists() and leftovers(tmp_path) == []
 
 
+@pytest.mark.tools("qemu-img")
 def test_a_qcow2_source_and_qcow2_local_images_round_trip(tmp_path, store):
     images = fleet(tmp_path, 512, host_dir="dst")
     for path in [images["source"], *images["host"]]:

@@ -1,13 +1,12 @@
 """sketch/qcow2.py against qemu: every image QEMU writes must read exactly as `qemu-img convert -O raw` of it.
 
-Images are built with the real qemu-img and qemu-io (Debian qemu-utils); if they are missing these
-tests fail, they do not skip. Broken and unsupported images are made by patching real ones with struct.
+Images are built with the real qemu-img and qemu-io (Debian qemu-utils); without them these tests
+skip with that reason (and fail under CI). Broken and unsupported images are made by patching real ones with struct.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 import struct
 import subprocess
 import time
@@ -25,11 +24,7 @@ MIB = 1 << 20
 SOURCE_SIZE = 4 * MIB + 1536
 
 
-@pytest.fixture(scope="session", autouse=True)
-def qemu_tools():
-    missing = [tool for tool in ("qemu-img", "qemu-io") if shutil.which(tool) is None]
-    if missing:
-        pytest.fail(f"{' and '.join(missing)} not found: install qemu-utils (apt-get install qemu-utils)")
+pytestmark = pytest.mark.tools("qemu-img", "qemu-io")
 
 
 def run(*args: str) -> None:

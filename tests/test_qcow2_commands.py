@@ -26,6 +26,7 @@ from sketch.manifest_build import build_manifest
 from store import catalogue, keys, open_store, refresh_host
 from tests.test_manifest import fleet
 
+pytestmark = pytest.mark.tools("qemu-img")
 BLOCK_SIZE = 512
 BLOCKS = 4096  # 2 MiB images
 VARIANTS = {"plain": [], "compressed": ["-c"]}
@@ -48,8 +49,6 @@ class Fleet:
 
 
 def qemu_img(*args: str) -> None:
-    if shutil.which("qemu-img") is None:
-        pytest.fail("qemu-img not found: install qemu-utils (apt-get install qemu-utils)")
     done = subprocess.run(["qemu-img", *args], capture_output=True, text=True)
     assert done.returncode == 0, f"qemu-img {' '.join(args)} failed: {done.stderr}"
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 import redis
@@ -42,22 +44,67 @@ def test_acl_user_and_password_in_the_url(redis_url):
         open_store(f"redis://indexer:wrong@127.0.0.1:{port}/0")
 
 
-def test_tls_url(tmp_path):
-    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
-                    "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
-                   check=True, capture_output=True)
+def make_tls_files(directory: Path) -> dict[str, Path]:
+    """A private CA and a server certificate it signed for 127.0.0.1, made with openssl; and another CA."""
+    files = {name: directory / f"{name}.pem" for name in ("ca", "ca-key", "cert", "key", "other-ca", "other-ca-key")}
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], check=True, capture_output=True)
+
+    for ca in ("ca", "other-ca"):
+        openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(files[f"{ca}-key"]),
+                "-out", str(files[ca]), "-days", "1", "-subj", f"/CN=blocksketch test {ca}")
+    csr = directory / "server.csr"
+    openssl("req", "-new", "-newkey", "rsa:2048", "-nodes", "-keyout", str(files["key"]), "-out", str(csr),
+            "-subj", "/CN=127.0.0.1")
+    extensions = directory / "server.ext"
+    extensions.write_text("subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n")
+    openssl("x509", "-req", "-in", str(csr), "-CA", str(files["ca"]), "-CAkey", str(files["ca-key"]),
+            "-CAcreateserial", "-out", str(files["cert"]), "-days", "1", "-extfile", str(extensions))
+    return files
+
+
+@pytest.fixture
+def tls_redis(tmp_path):
+    """Debian's redis-server (built with TLS; the embedded valkey has none) on a TLS port, its plain port
+    on loopback for the launcher's readiness check; yields (tls_port, files)."""
+    if shutil.which("redis-server") is None:
+        pytest.skip("needs redis-server on PATH, built with TLS (apt-get install redis-server): "
+                    "the embedded valkey has no TLS")
+    files = make_tls_files(tmp_path)
     tls_port = free_port()
+    log = tmp_path / "redis.log"
     server = RedisProcess(tmp_path / "redis", extra=[
-        "--tls-port", str(tls_port), "--tls-cert-file", str(cert), "--tls-key-file", str(key),
-        "--tls-ca-cert-file", str(cert), "--tls-auth-clients", "no"]).start()
+        "--tls-port", str(tls_port), "--tls-cert-file", str(files["cert"]), "--tls-key-file", str(files["key"]),
+        "--tls-ca-cert-file", str(files["ca"]), "--tls-auth-clients", "no", "--logfile", str(log)])
     try:
-        with open_store(f"rediss://127.0.0.1:{tls_port}/0?ssl_ca_certs={cert}") as store:
-            assert store.config() is None and store.hosts() == []
-        with pytest.raises(StoreError, match=f"Redis at rediss://127.0.0.1:{tls_port}/0"):
-            open_store(f"rediss://127.0.0.1:{tls_port}/0")  # the self-signed certificate is not trusted
-    finally:
-        server.stop()
+        server.start()
+    except RuntimeError:
+        server.stop(kill=True)
+        pytest.fail(f"redis-server did not start with TLS: {log.read_text().strip().splitlines()[-1:]}")
+    admin = redis.Redis.from_url(server.url)
+    admin.acl_setuser("indexer", enabled=True, passwords=["+pw-1"], keys=["blocksketch:*"], commands=["+@all"])
+    admin.close()
+    yield tls_port, files
+    server.stop()
+
+
+@pytest.mark.tools("openssl")
+def test_a_rediss_url_with_a_user_and_the_ca_reaches_a_tls_redis(tls_redis):
+    tls_port, files = tls_redis
+    url = f"rediss://indexer:pw-1@127.0.0.1:{tls_port}/0?ssl_ca_certs={files['ca']}"
+    with open_store(url) as store:
+        assert store.url == f"rediss://indexer@127.0.0.1:{tls_port}/0?ssl_ca_certs={files['ca']}"
+        assert store.config() is None and store.hosts() == []
+
+
+@pytest.mark.tools("openssl")
+@pytest.mark.parametrize("query", ["", "?ssl_ca_certs={other-ca}"], ids=["system CAs", "another CA"])
+def test_a_tls_redis_whose_certificate_the_client_does_not_trust_is_refused(tls_redis, query):
+    tls_port, files = tls_redis
+    refused = f"Redis at rediss://indexer@127.0.0.1:{tls_port}/0.*certificate verify failed"
+    with pytest.raises(StoreError, match=refused):
+        open_store(f"rediss://indexer:pw-1@127.0.0.1:{tls_port}/0" + query.format_map(files))
 
 
 def test_unix_socket_url(tmp_path):

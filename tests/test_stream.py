@@ -155,6 +155,7 @@ def test_images_of_many_segments_with_every_kind_in_each(tmp_path, redis_url, bl
     assert out.stat().st_blocks * 512 < out.stat().st_size  # the zero segment stayed a hole
 
 
+@pytest.mark.tools("qemu-img")
 def test_qcow2_in_and_out(tmp_path, redis_url, indexed):
     source = tmp_path / "source.qcow2"
     subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", indexed["source"], str(source)], check=True)
