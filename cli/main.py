@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 
 import click
 
 from sketch.errors import BlocksketchError, ForceNeeded
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``systemctl stop``, ``kill``): unwinds like Ctrl-C, so every ``finally`` runs: temp
+    files go, the refresh lock and the embedded store are released."""
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated()
 
 
 class BlocksketchGroup(click.Group):
@@ -15,6 +25,25 @@ class BlocksketchGroup(click.Group):
     A command's module is imported only when that command runs (or --help lists them all), so a
     command starts without importing the others' dependencies (matplotlib, the HTTP stack).
     """
+
+    def main(self, *args, **kwargs):
+        """Click's own usage errors as one line too (click prints four), and SIGTERM as an interrupt."""
+        if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+            signal.signal(signal.SIGTERM, _terminate)
+        kwargs["standalone_mode"] = False
+        try:
+            code = super().main(*args, **kwargs)
+        except click.UsageError as exc:
+            where = exc.ctx.command_path if exc.ctx is not None else "blocksketch"
+            click.echo(f"blocksketch: error: {exc.format_message()} (see '{where} --help')", err=True)
+            sys.exit(exc.exit_code)
+        except click.ClickException as exc:
+            click.echo(f"blocksketch: error: {exc.format_message()}", err=True)
+            sys.exit(exc.exit_code)
+        except click.exceptions.Abort:
+            click.echo("blocksketch: interrupted", err=True)
+            sys.exit(130)
+        sys.exit(code if isinstance(code, int) else 0)
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted({*self.commands, *_command_modules()})
@@ -36,6 +65,9 @@ class BlocksketchGroup(click.Group):
             hint = "; pass --force to overwrite it" if isinstance(exc, ForceNeeded) else ""
             click.echo(f"blocksketch: error: {exc}{hint}", err=True)
             ctx.exit(exc.exit_code)
+        except Terminated:
+            click.echo("blocksketch: stopped (SIGTERM); nothing half-written was left", err=True)
+            ctx.exit(128 + signal.SIGTERM)
         except KeyboardInterrupt:
             click.echo("blocksketch: interrupted", err=True)
             ctx.exit(130)
@@ -56,7 +88,7 @@ class BlocksketchGroup(click.Group):
 
 
 @click.group(cls=BlocksketchGroup, context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--debug", is_flag=True, hidden=True, help="Show tracebacks.")
+@click.option("--debug", is_flag=True, help="Show the traceback of an error instead of one line.")
 @click.version_option(package_name="blocksketch")
 @click.pass_context
 def main(ctx: click.Context, debug: bool) -> None:
