@@ -215,8 +215,15 @@ class ImageInfo:
                    entry.mtime_ns, entry.inode, catalogue.block_size, catalogue.algorithm, entry.distinct,
                    entry.generation, entry.image_format)
 
+    @property
+    def disk_bytes(self) -> int:
+        """The guest-visible disk, in whole blocks (a thin or compressed qcow2 file is smaller, a raw
+        file with a partial last block a little larger than ``size_bytes``, the file's size)."""
+        return self.total_blocks * self.block_size
+
     def to_dict(self) -> dict:
         return {"host": self.host, "path": self.path, "image_id": self.image_id, "size_bytes": self.size_bytes,
+                "disk_bytes": self.disk_bytes,
                 "total_blocks": self.total_blocks, "unique_blocks": self.unique_blocks,
                 "zero_blocks": self.zero_blocks, "distinct_nonzero": self.distinct_nonzero,
                 "indexed_at": iso_time(self.indexed_at), "mtime_ns": self.mtime_ns, "inode": self.inode,
@@ -229,19 +236,22 @@ class HostInfo:
 
     host: str
     images: int
-    size_bytes: int
+    size_bytes: int  # of the image files
     distinct_blocks: int  # distinct non-zero digests over the host's images
     sketch_bytes: int  # bytes of the host's sketches (its Bloom filter and any derived sketch)
     refreshed_at: float
     generation: int = 0
+    disk_bytes: int = 0  # of the guest-visible disks, in whole blocks
 
     @classmethod
     def from_catalogue(cls, catalogue: Catalogue) -> HostInfo:
         return cls(catalogue.host, len(catalogue.images), sum(i.size_bytes for i in catalogue.images),
                    catalogue.distinct_blocks, sum(s.size_bytes for s in catalogue.sketches.values()),
-                   catalogue.refreshed_at, catalogue.generation)
+                   catalogue.refreshed_at, catalogue.generation,
+                   sum(i.total_blocks for i in catalogue.images) * catalogue.block_size)
 
     def to_dict(self) -> dict:
         return {"host": self.host, "images": self.images, "size_bytes": self.size_bytes,
+                "disk_bytes": self.disk_bytes,
                 "distinct_blocks": self.distinct_blocks, "sketch_bytes": self.sketch_bytes,
                 "refreshed_at": iso_time(self.refreshed_at)}

@@ -270,3 +270,13 @@ def test_receive_on_another_machine_than_the_stream_names_is_refused(indexed_eve
         "blocksketch: error: the stream was made for host 'near', but this machine is 'far': run it there, "
         "or pass --host near if this machine is indexed under that name")
     assert not (tmp_path / "out").exists()
+
+
+def test_images_and_hosts_show_a_thin_qcow2_file_beside_its_larger_disk(fleet):
+    env = cli_env(fleet.redis_url)
+    (row,) = json.loads(cli("images", "--host", "thin", "--json", env=env).stdout)
+    assert row["size_bytes"] == os.path.getsize(fleet.root / "thin" / "base.qcow2") < row["disk_bytes"] == DISK_BYTES
+    host = next(h for h in json.loads(cli("hosts", "--json", env=env).stdout) if h["host"] == "thin")
+    assert host["size_bytes"] == row["size_bytes"] and host["disk_bytes"] == DISK_BYTES
+    table = cli("images", "--host", "thin", env=env).stdout.decode().splitlines()
+    assert table[0].split()[2:4] == ["file", "disk"] and "8.0 MiB" in table[1]

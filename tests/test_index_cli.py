@@ -45,7 +45,8 @@ def test_images_and_hosts_json_rows(indexed, redis_url):
             expected.total_blocks, expected.zero_blocks, expected.unique_blocks)
         assert row["indexed_at"].endswith("Z")
     (host,) = json.loads(run_cli("hosts", "--json", "--redis", redis_url).stdout)
-    assert set(host) == {"host", "images", "size_bytes", "distinct_blocks", "sketch_bytes", "refreshed_at"}
+    assert set(host) == {"host", "images", "size_bytes", "disk_bytes", "distinct_blocks", "sketch_bytes",
+                         "refreshed_at"}
     assert host["images"] == 2 and host["distinct_blocks"] == len(union_keys([direct_map(p).keys for p in paths]))
     assert json.loads(run_cli("images", "--json", "--host", "nope", "--redis", redis_url).stdout or "null") is None
 
@@ -53,7 +54,7 @@ def test_images_and_hosts_json_rows(indexed, redis_url):
 def test_tables_have_headers_and_one_row_each(indexed, redis_url):
     paths, _ = indexed
     table = run_cli("images", "--redis", redis_url).stdout.splitlines()
-    assert table[0].split()[:3] == ["host", "path", "size"] and len(table) == 3
+    assert table[0].split()[:4] == ["host", "path", "file", "disk"] and len(table) == 3
     assert run_cli("hosts", "--redis", redis_url).stdout.splitlines()[1].startswith("node-a")
 
 
