@@ -9,7 +9,7 @@ from sketch.manifest import Manifest
 from store import open_store
 
 from .common import (
-    Progress,
+    PhaseBar,
     destination_host,
     emit_json,
     human_bytes,
@@ -27,10 +27,12 @@ def apply_with_store(store, manifest: Manifest, bundles: list[str], output: str,
     store.check_block_size(manifest.block_size)
     local = resolve_local_sources(manifest, host, store.image)
     counts = manifest.byte_counts()
-    with Progress(progress, manifest.size_bytes - counts["zero"], "apply") as bar:
+    with PhaseBar(progress) as phases:
+        bar = phases("apply", manifest.size_bytes - counts["zero"])
         return apply_manifest(manifest, bundles, output, [path for path, _ in local], force=force,
                               output_format=output_format, ranges_file=ranges_out, progress=bar,
-                              local_formats=[image_format for _, image_format in local], inputs=inputs)
+                              local_formats=[image_format for _, image_format in local], inputs=inputs,
+                              phases=phases)
 
 
 @click.command("apply")

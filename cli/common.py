@@ -97,6 +97,63 @@ class Progress:
         self.close()
 
 
+class PhaseBar:
+    """The steps of a long command on stderr, one at a time: a byte bar with rate when the step's
+    total is known, else its name and elapsed time, ticking so a slow step never looks stuck.
+    Nothing when ``enabled`` is false (not a terminal, or --json). Call it as a
+    :data:`sketch.progress.Phases`; ``close`` ends the last step."""
+
+    TICK_S = 0.25
+
+    def __init__(self, enabled: bool, prefix: str = ""):
+        self.enabled = enabled
+        self.prefix = prefix
+        self._bar = None
+        self._ticker = None
+
+    def __call__(self, name: str, total: int | None = None):
+        self.close()
+        if not self.enabled:
+            return None
+        import threading
+
+        from tqdm import tqdm
+
+        description = f"{self.prefix}{name}"
+        if total:
+            self._bar = tqdm(total=total, desc=description, unit="B", unit_scale=True, unit_divisor=1024,
+                             file=sys.stderr, leave=False, dynamic_ncols=True)
+        else:
+            self._bar = tqdm(total=None, desc=description, bar_format="{desc}: {elapsed}", file=sys.stderr,
+                             leave=False, dynamic_ncols=True)
+        bar = self._bar
+        stop = threading.Event()
+
+        def tick() -> None:
+            while not stop.wait(self.TICK_S):
+                bar.refresh()
+
+        self._ticker = (stop, threading.Thread(target=tick, name="blocksketch-progress", daemon=True))
+        self._ticker[1].start()
+        return bar.update
+
+    def close(self) -> None:
+        if self._ticker is not None:
+            stop, thread = self._ticker
+            stop.set()
+            thread.join()
+            self._ticker = None
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+    def __enter__(self) -> PhaseBar:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
 def percent(ratio: float | None) -> str:
     return "-" if ratio is None else f"{ratio * 100:.2f}%"
 

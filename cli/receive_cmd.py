@@ -12,7 +12,7 @@ from sketch.stream import open_stream_bundle, read_stream_manifest
 from store import open_store
 
 from .common import (
-    Progress,
+    PhaseBar,
     destination_host,
     emit_json,
     human_bytes,
@@ -60,12 +60,12 @@ def command(stream: str, output: str, host: str | None, force: bool, output_form
             store.check_block_size(manifest.block_size)
             local = resolve_local_sources(manifest, host, store.image)
         reader = open_stream_bundle(handle, manifest, what)
-        progress = show_progress(as_json)
-        with Progress(progress, manifest.size_bytes - manifest.byte_counts()["zero"], "receive") as bar:
+        with PhaseBar(show_progress(as_json)) as phases:
+            bar = phases("receive", manifest.size_bytes - manifest.byte_counts()["zero"])
             result = apply_manifest(manifest, [reader], output, [path for path, _ in local], force=force,
                                     output_format=output_format, ranges_file=ranges_out, progress=bar,
                                     local_formats=[image_format for _, image_format in local],
-                                    inputs=[] if stream == "-" else [stream])
+                                    inputs=[] if stream == "-" else [stream], phases=phases)
     except MissingBlocks as missing:
         if as_json:
             emit_json({"status": "missing", "ranges_file": missing.ranges_file, "blocks": int(missing.count.sum())})

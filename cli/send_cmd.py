@@ -18,7 +18,7 @@ from store import open_store
 from store.transfer import prepare_send
 
 from .common import (
-    Progress,
+    PhaseBar,
     block_size_option,
     emit_json,
     force_option,
@@ -80,18 +80,19 @@ def command(image: str, host: str | None, output: str, exact_top: int, exclude_h
     check_output(output, force=force, inputs=[image], what="stream")  # before any long work
     started = time.perf_counter()
     progress = show_progress(as_json)
-    with open_store(redis_url) as store:
-        block_size = store.check_block_size(block_size)
-        total = data_bytes(image, block_size, image_format) if progress else 0
-        with Progress(progress, total, f"digest {os.path.basename(image)}") as digest_bar:
+    with PhaseBar(progress) as phases:
+        with open_store(redis_url) as store:
+            block_size = store.check_block_size(block_size)
+            total = data_bytes(image, block_size, image_format) if progress else 0
             outgoing = prepare_send(store, image, host, block_size=block_size, image_format=image_format,
                                     exact_top=exact_top, exclude_hosts=exclude_hosts, source_host=lenient,
-                                    digest_progress=digest_bar)
-    prepared = time.perf_counter()
-    try:
-        info = _write(outgoing, output, level, progress, force, image)
-    finally:
-        outgoing.close()
+                                    digest_progress=phases(f"digest {os.path.basename(image)}", total),
+                                    phases=phases)
+        prepared = time.perf_counter()
+        try:
+            info = _write(outgoing, output, level, phases, force, image)
+        finally:
+            outgoing.close()
     seconds = {**outgoing.seconds, "before_stream": round(prepared - started, 3),
                "stream": round(time.perf_counter() - prepared, 3)}
     manifest = outgoing.manifest
@@ -122,12 +123,12 @@ def command(image: str, host: str | None, output: str, exact_top: int, exclude_h
                f"{summary['blocks']['zero']} zero)", err=to_stdout)
 
 
-def _write(outgoing, output: str, level: int | None, progress: bool, force: bool, image: str):
+def _write(outgoing, output: str, level: int | None, phases: PhaseBar, force: bool, image: str):
     """Write the stream to stdout as it is made, or to ``output`` as :func:`sketch.output.atomic_output`."""
     manifest = outgoing.manifest
     try:
-        with Progress(progress, manifest.byte_counts()["send"], "send") as bar, \
-                atomic_output(output, force=force, inputs=[image], what="stream") as handle:
+        with atomic_output(output, force=force, inputs=[image], what="stream") as handle:
+            bar = phases(f"send to {manifest.host} (blocks read)", manifest.byte_counts()["send"])
             return write_stream(handle, outgoing.source, manifest, outgoing.stamp, level, bar)
     except BrokenPipeError:
         raise BlocksketchError("cannot write the stream to stdout: its reader closed the pipe") from None

@@ -47,6 +47,7 @@ from .imagesum import SEGMENT_BYTES, leaf, root, segment_count, segments_touched
 from .manifest import DUP, LOCAL, SEND, ZERO, Manifest
 from .output import check_output, create_exclusive
 from .pids import pid_alive
+from .progress import Phases, start_phase
 from .ranges import mask_ranges, merge_ranges, ranges_mask, write_ranges_file
 
 PARTIAL_TAG = ".blocksketch-partial-"
@@ -147,7 +148,7 @@ def default_ranges_file(output: str) -> str:
 def apply_manifest(manifest: Manifest, bundles: list[str | BundleReader], output: str, local_paths: list[str],
                    force: bool = False, output_format: str = "raw", ranges_file: str | None = None,
                    progress: Progress | None = None, local_formats: list[str | None] | None = None,
-                   inputs: list[str] | tuple[str, ...] = ()) -> ApplyResult:
+                   inputs: list[str] | tuple[str, ...] = (), phases: Phases | None = None) -> ApplyResult:
     """Rebuild the manifest's image at ``output``; see the module docstring for the guarantees.
 
     ``bundles``: paths (``-`` for stdin) or readers already positioned at a bundle (a migration
@@ -155,6 +156,7 @@ def apply_manifest(manifest: Manifest, bundles: list[str | BundleReader], output
     ``local_formats``, one per path, from :func:`resolve_local_sources` (None: detect by magic).
     ``output`` replaces an existing file only with ``force``, and never one of the command's own
     files: the bundles, the local images, ``inputs`` (the manifest's or stream's file).
+    ``phases`` hears when the final checks start (the checksum's tail and the sync, a conversion).
     """
     if output_format not in OUTPUT_FORMATS:
         raise UsageError(f"unknown output format {output_format!r}; use one of {', '.join(OUTPUT_FORMATS)}")
@@ -190,7 +192,9 @@ def apply_manifest(manifest: Manifest, bundles: list[str | BundleReader], output
         fd = create_exclusive(temp)
         try:
             result = ApplyResult(output, manifest.size_bytes)
-            checksum = _Rebuild(fd, manifest, readers, covered, local_paths, local_formats, progress).run(result)
+            rebuild = _Rebuild(fd, manifest, readers, covered, local_paths, local_formats, progress)
+            rebuild.phases = phases
+            checksum = rebuild.run(result)
         finally:
             os.close(fd)
         for handle in handles:
@@ -205,6 +209,7 @@ def apply_manifest(manifest: Manifest, bundles: list[str | BundleReader], output
                                     "written (wrong bundle, or the source changed after packing)")
         final = temp
         if output_format == "qcow2":
+            start_phase(phases, "convert to qcow2 and compare")
             _to_qcow2(temp, converted)
             final = converted
         check_output(output, force=force, inputs=inputs)  # it may have appeared meanwhile
@@ -277,6 +282,7 @@ class _Rebuild:
         self.overlap = len(readers) == 1 and not self.covered_count.any()
         self.segments = _SegmentHasher(fd, manifest, covered, incremental=self.overlap)
         self.cancel = threading.Event()
+        self.phases: Phases | None = None
 
     def run(self, result: ApplyResult) -> bytes:
         counts = {"bundle": 0, "local": 0, "dup": 0}
@@ -296,6 +302,7 @@ class _Rebuild:
                 counts["local"], read, missing = self._write_local()
             if missing is None:
                 self._copy_dups(self.manifest.total_blocks)
+                start_phase(self.phases, "verify the whole image")
                 counts["dup"] = self.dup_blocks
                 self.segments.advance("bundle", self.manifest.total_blocks)
                 os.ftruncate(self.fd, self.manifest.size_bytes)

@@ -13,6 +13,7 @@ from sketch.digests import digest_source
 from sketch.imagesum import ChecksumThread
 from sketch.manifest import LocalImage, Manifest
 from sketch.manifest_build import build_manifest, manifest_from_digests
+from sketch.progress import Phases, start_phase
 from sketch.rank import DEFAULT_EXACT_TOP, DEFAULT_TOP, RankQuery
 from sketch.stream import image_stamp
 
@@ -50,9 +51,11 @@ class Outgoing:
 def prepare_send(store: Store, image: str, host: str | None = None, *, block_size: int | None = None,
                  image_format: str | None = None, top: int = DEFAULT_TOP, exact_top: int = DEFAULT_EXACT_TOP,
                  exclude_hosts: tuple[str, ...] | list[str] = (), source_host: str | None = None,
-                 digest_progress: Progress | None = None, seal_progress: Progress | None = None) -> Outgoing:
+                 digest_progress: Progress | None = None, seal_progress: Progress | None = None,
+                 phases: Phases | None = None) -> Outgoing:
     """Read ``image`` once and build its manifest for ``host``, or for rank's winner when None
     (``exclude_hosts`` and ``source_host`` as :func:`store.ranking.rank_image` takes them).
+    ``phases`` hears when ranking and planning start (the digest pass reports to ``digest_progress``).
 
     The digests rank the fleet and plan the manifest (sorted once for both); the whole-image
     checksum is computed on a second thread while rank and the plan, mostly one core's work, run
@@ -73,11 +76,13 @@ def prepare_send(store: Store, image: str, host: str | None = None, *, block_siz
             clock.lap("digest")
             ranking = None
             if host is None:
+                start_phase(phases, "rank")
                 ranking = rank_image(store, RankQuery.from_block_map(indexed.block_map, image), top=top,
                                      exact_top=exact_top, exclude_hosts=exclude_hosts, block_size=block_size,
                                 source_host=source_host)
                 host = ranking["winner"]
                 clock.lap("rank")
+            start_phase(phases, f"plan for {host}")
             targets = [(LocalImage.from_info(info), block_map) for info, block_map in store.host_block_maps(host)]
             manifest = manifest_from_digests(source, digests, host, targets, checksum=checksum.result,
                                              seal_progress=seal_progress, source_path=path, indexed=indexed)

@@ -198,3 +198,44 @@ def test_sigterm_to_index_releases_the_lock_and_the_embedded_store(tmp_path, iso
     # The lock is free: the next refresh runs at once and indexes everything.
     done = run("index", str(images), "--host", HOST, "--json")
     assert json.loads(done.stdout)["images"] == 6
+
+
+def _stderr_on_a_terminal(args: list[str], env: dict, stdin=subprocess.DEVNULL,
+                          stdout=subprocess.DEVNULL) -> tuple[int, str]:
+    """Run the CLI with stderr on a pseudo-terminal (progress is for terminals only); its text."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    controller, terminal = pty.openpty()
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))  # a real terminal's size
+    process = subprocess.Popen([*CLI, *args], env=env, stdin=stdin, stdout=stdout, stderr=terminal)
+    os.close(terminal)
+    seen = bytearray()
+    while True:
+        try:
+            chunk = os.read(controller, 65536)
+        except OSError:  # EIO: the process closed its end
+            break
+        if not chunk:
+            break
+        seen.extend(chunk)
+    os.close(controller)
+    return process.wait(timeout=60), seen.decode(errors="replace")
+
+
+def test_send_and_receive_on_a_terminal_show_every_phase(indexed, tmp_path, redis_url):
+    env = {**os.environ, "BLOCKSKETCH_REDIS_URL": redis_url, "BLOCKSKETCH_HOST": "elsewhere"}
+    with open(tmp_path / "s", "wb") as stream:
+        code, shown = _stderr_on_a_terminal(["send", indexed["source"]], env, stdout=stream)
+    assert code == 0, shown
+    for phase in ("digest source.img", "rank", "plan for dst", "send to dst (blocks read)"):
+        assert phase in shown, shown
+    env["BLOCKSKETCH_HOST"] = HOST
+    with open(tmp_path / "s", "rb") as stream:
+        code, shown = _stderr_on_a_terminal(["receive", "-o", str(tmp_path / "out")], env, stdin=stream)
+    assert code == 0, shown
+    for phase in ("receive", "verify the whole image"):
+        assert phase in shown, shown
+    assert (tmp_path / "out").read_bytes() == Path(indexed["source"]).read_bytes()
