@@ -16,8 +16,9 @@ from sketch.sample import write_sample_fleet
 from store import open_store, refresh_host
 from store.ranking import rank_image
 
-from .common import emit_json, human_bytes, json_option, print_table
-from .migrate_cmd import migrate_with_store, wan_line
+from .common import emit_json, human_bytes, json_option, percent, print_table
+from .manifest_cmd import summary_rows
+from .migrate_cmd import migrate_with_store
 from .rank_cmd import print_ranking
 
 DEMO_BLOCK_SIZE = 4096
@@ -64,10 +65,12 @@ def run_demo(directory: str) -> dict:
 def command(keep_dir: str | None, as_json: bool) -> None:
     """Run the main job on a built-in sample: index three hosts, rank them for an image, move it.
 
-    The sample is a source image and three hosts whose images share about 75%, 45% and 15% of
-    its blocks. The demo indexes the hosts into the embedded default store (a private one under
-    the sample directory, so your own index is untouched), ranks the hosts for the source image,
-    migrates it to the winner (manifest, bundle, apply) and checks the copy is byte-identical.
+    The sample is a source image and three hosts whose images hold much (ams-1), some (fra-2) and
+    little (lon-3) of its content. The demo indexes the hosts into the embedded default store (a
+    private one under the sample directory, so your own index is untouched), ranks the hosts for
+    the source image, moves it to the winner (manifest, bundle, apply: each block is a zero, a
+    local copy there, a repeat of an earlier block, or sent), and checks the copy is byte-identical.
+    Without --keep the sample lives in a temporary directory that is removed at the end.
 
     \b
     Example:
@@ -89,9 +92,20 @@ def command(keep_dir: str | None, as_json: bool) -> None:
     click.echo("\n2. ranked the hosts for the source image")
     print_ranking(result["ranking"])
     migration = result["migration"]
-    click.echo(f"\n3. migrated the source image to {migration['host']}")
-    click.echo(wan_line(migration))
+    host = migration["host"]
+    click.echo(f"\n3. migrated the source image to {host}: where each of its blocks came from")
+    meaning = {"zero": "all zeros: a hole, nothing moved", "local": f"copied from {host}'s own images",
+               "dup": "a repeat of a block sent earlier: copied there", "send": "sent over the link, once, compressed"}
+    print_table(["kind", "meaning", "blocks", "bytes", "runs"],
+                [[row[0], meaning[row[0]], *row[1:]] for row in summary_rows(migration)], right_align_from=2)
+    bundles = migration["bundle_bytes"] + migration["extra_bundle_bytes"]
+    click.echo(f"crossed the link: {human_bytes(migration['wan_bytes'])} (manifest "
+               f"{human_bytes(migration['manifest_bytes'])} + bundle {human_bytes(bundles)}) = "
+               f"{percent(migration['wan_ratio'])} of the {human_bytes(migration['size_bytes'])} image")
     click.echo(f"\n4. the copy is byte-identical to the source; {human_bytes(migration['wan_bytes'])} crossed "
                f"the WAN instead of {human_bytes(migration['size_bytes'])}")
     if keep_dir:
-        click.echo(f"sample, store and copy kept in {keep_dir}")
+        click.echo(f"\nsample images, store and copy kept in {keep_dir}")
+    else:
+        click.echo("\nthe sample lived in a temporary directory, now removed; `blocksketch demo --keep DIR` keeps "
+                   "its images, store and copy")

@@ -25,3 +25,18 @@ def test_demo_prints_the_four_steps():
     assert result.returncode == 0, result.stderr
     for step in ("1. indexed 3 hosts", "2. ranked", "3. migrated", "4. the copy is byte-identical"):
         assert step in result.stdout
+
+
+def test_demo_shows_where_each_block_came_from_and_how_to_keep_the_sample():
+    result = subprocess.run([sys.executable, "-m", "cli", "demo"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    table = result.stdout.split("where each of its blocks came from\n")[1].splitlines()
+    assert table[0].split()[:2] == ["kind", "meaning"]
+    assert [line.split()[0] for line in table[1:5]] == ["zero", "local", "send", "dup"]
+    assert table[5].startswith("crossed the link: ")
+    assert "`blocksketch demo --keep DIR` keeps its images, store and copy" in result.stdout
+
+
+def test_demo_help_promises_no_share_it_does_not_print():
+    result = subprocess.run([sys.executable, "-m", "cli", "demo", "--help"], capture_output=True, text=True)
+    assert "%" not in result.stdout
