@@ -11,6 +11,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #define F(x, y, z) ((z) ^ ((x) & ((y) ^ (z))))
@@ -641,8 +642,112 @@ done:
     return result;
 }
 
+/* ---- sorting digest keys ------------------------------------------------------------------
+ *
+ * sort_keys(keys, order): order[] receives the stable order that sorts the (n, 2) native uint64
+ * keys lexicographically, as numpy's lexsort would. MD5 digests are uniform, so a counting pass
+ * on the top 16 bits spreads them over 65,536 buckets of ~n/65,536 keys, each then sorted by
+ * (key, original index): insertion sort for the small ones, qsort_r for the rare large ones
+ * (many copies of one block), so a tie-heavy input costs n log n, never n^2.
+ */
+
+#define SORT_BUCKET_BITS 16
+#define SORT_SMALL 48
+
+typedef struct {
+    uint64_t high, low;
+    int64_t row;
+} sort_entry;
+
+static int compare_entries(const void *a, const void *b) {
+    const sort_entry *x = a, *y = b;
+    if (x->high != y->high) return x->high < y->high ? -1 : 1;
+    if (x->low != y->low) return x->low < y->low ? -1 : 1;
+    return x->row < y->row ? -1 : (x->row > y->row);
+}
+
+static void sort_bucket(sort_entry *entries, Py_ssize_t count) {
+    if (count > SORT_SMALL) {
+        qsort(entries, (size_t)count, sizeof(sort_entry), compare_entries);
+        return;
+    }
+    for (Py_ssize_t a = 1; a < count; a++) {
+        sort_entry entry = entries[a];
+        Py_ssize_t b = a;
+        while (b > 0 && compare_entries(&entries[b - 1], &entry) > 0) {
+            entries[b] = entries[b - 1];
+            b--;
+        }
+        entries[b] = entry;
+    }
+}
+
+PyDoc_STRVAR(sort_keys_doc,
+"sort_keys(keys, order, sorted_keys=None)\n--\n\n"
+"Write into ORDER (n int64) the stable order sorting KEYS (n x 2 native uint64, C order)\n"
+"lexicographically, and KEYS in that order into SORTED_KEYS if given; the GIL is released.\n"
+"Needs 24 bytes a key of scratch memory.");
+
+static PyObject *sort_keys(PyObject *self, PyObject *args) {
+    Py_buffer keys, order, sorted = {0};
+    if (!PyArg_ParseTuple(args, "y*w*|w*", &keys, &order, &sorted)) return NULL;
+    PyObject *result = NULL;
+    Py_ssize_t n = keys.len / 16;
+    if (keys.len % 16 || order.len != n * (Py_ssize_t)sizeof(int64_t) ||
+            (sorted.buf != NULL && sorted.len != keys.len)) {
+        PyErr_SetString(PyExc_ValueError, "keys must be n x 16 bytes, order n int64, sorted_keys n x 16 bytes");
+        goto done;
+    }
+    Py_ssize_t *start = PyMem_RawCalloc((1 << SORT_BUCKET_BITS) + 1, sizeof(Py_ssize_t));
+    sort_entry *entries = PyMem_RawMalloc((size_t)(n ? n : 1) * sizeof(sort_entry));
+    if (start == NULL || entries == NULL) {
+        PyMem_RawFree(start);
+        PyMem_RawFree(entries);
+        PyErr_NoMemory();
+        goto done;
+    }
+    const uint64_t *k = keys.buf;
+    int64_t *rows = order.buf;
+    Py_BEGIN_ALLOW_THREADS
+    int shift = 64 - SORT_BUCKET_BITS;
+    for (Py_ssize_t i = 0; i < n; i++) start[(k[2 * i] >> shift) + 1]++;
+    for (Py_ssize_t b = 0; b < (1 << SORT_BUCKET_BITS); b++) start[b + 1] += start[b];
+    /* Scatter in index order, keys beside their row so a bucket sorts in cache. start[b]
+     * advances to the next bucket's start: afterwards bucket b spans [start[b - 1], start[b]). */
+    for (Py_ssize_t i = 0; i < n; i++) {
+        sort_entry *slot = &entries[start[k[2 * i] >> shift]++];
+        slot->high = k[2 * i];
+        slot->low = k[2 * i + 1];
+        slot->row = i;
+    }
+    Py_ssize_t begin = 0;
+    for (Py_ssize_t b = 0; b < (1 << SORT_BUCKET_BITS); b++) {
+        sort_bucket(entries + begin, start[b] - begin);
+        begin = start[b];
+    }
+    for (Py_ssize_t i = 0; i < n; i++) rows[i] = entries[i].row;
+    if (sorted.buf != NULL) {
+        uint64_t *out = sorted.buf;
+        for (Py_ssize_t i = 0; i < n; i++) {
+            out[2 * i] = entries[i].high;
+            out[2 * i + 1] = entries[i].low;
+        }
+    }
+    Py_END_ALLOW_THREADS
+    PyMem_RawFree(start);
+    PyMem_RawFree(entries);
+    result = Py_None;
+    Py_INCREF(result);
+done:
+    PyBuffer_Release(&keys);
+    PyBuffer_Release(&order);
+    if (sorted.buf != NULL) PyBuffer_Release(&sorted);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"md5_blocks", md5_blocks, METH_VARARGS, md5_blocks_doc},
+    {"sort_keys", sort_keys, METH_VARARGS, sort_keys_doc},
     {NULL, NULL, 0, NULL},
 };
 
