@@ -19,9 +19,10 @@ def apply_with_store(store, manifest: Manifest, bundles: list[str], output: str,
     local = resolve_local_sources(manifest, host, store.image)
     counts = manifest.byte_counts()
     with Progress(progress, manifest.size_bytes - counts["zero"], "apply") as bar:
-        return apply_manifest(manifest, bundles, output, [path for path, _ in local], force=force,
+        return apply_manifest(manifest, bundles, output, [source.path for source in local], force=force,
                               output_format=output_format, ranges_file=ranges_out, progress=bar,
-                              local_formats=[image_format for _, image_format in local])
+                              local_formats=[source.image_format for source in local],
+                              local_identities=[source.identity for source in local])
 
 
 @click.command("apply")

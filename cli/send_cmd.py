@@ -18,6 +18,7 @@ from store.transfer import prepare_send
 
 from .common import (
     Progress,
+    backing_dir_option,
     block_size_option,
     emit_json,
     format_option,
@@ -56,11 +57,12 @@ def _parse_level(ctx, param, value: str) -> int | None:
                    "to be much slower than compression.")
 @block_size_option(default=None)
 @format_option
+@backing_dir_option
 @redis_option
 @json_option
 def command(image: str, host: str | None, output: str, exact_top: int, exclude_hosts: tuple[str, ...],
-            level: int | None, block_size: int | None, image_format: str | None, redis_url: str | None,
-            as_json: bool) -> None:
+            level: int | None, block_size: int | None, image_format: str | None, backing_dirs: tuple[str, ...],
+            redis_url: str | None, as_json: bool) -> None:
     """Stream IMAGE to the host that already holds most of it, for `blocksketch receive` there.
 
     Digests IMAGE once: the digests rank the fleet (unless --to names the host) and build the
@@ -86,10 +88,11 @@ def command(image: str, host: str | None, output: str, exact_top: int, exclude_h
     progress = show_progress(as_json)
     with open_store(redis_url) as store:
         block_size = store.check_block_size(block_size)
-        total = data_bytes(image, block_size, image_format) if progress else 0
+        total = data_bytes(image, block_size, image_format, backing_dirs) if progress else 0
         with Progress(progress, total, f"digest {os.path.basename(image)}") as digest_bar:
             outgoing = prepare_send(store, image, host, block_size=block_size, image_format=image_format,
-                                    exact_top=exact_top, exclude_hosts=exclude_hosts, digest_progress=digest_bar)
+                                    exact_top=exact_top, exclude_hosts=exclude_hosts, digest_progress=digest_bar,
+                                    backing_dirs=backing_dirs)
     prepared = time.perf_counter()
     try:
         info = _write(outgoing, output, level, progress)

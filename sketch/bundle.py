@@ -118,7 +118,7 @@ def bundle_header(manifest: Manifest, start: np.ndarray, count: np.ndarray, cont
 
 def pack_bundle(image_path: str, manifest: Manifest, output: str, ranges: tuple[np.ndarray, np.ndarray] | None = None,
                 level: int = DEFAULT_LEVEL, progress: Progress | None = None,
-                image_format: str | None = None) -> BundleInfo:
+                image_format: str | None = None, backing_dirs: tuple[str, ...] = ()) -> BundleInfo:
     """Write the bundle of ``image_path`` for ``manifest`` to ``output`` (atomically), or stream it.
 
     ``image_format`` ("raw" or "qcow2") is how to read the image, as when the manifest was built;
@@ -136,7 +136,7 @@ def pack_bundle(image_path: str, manifest: Manifest, output: str, ranges: tuple[
     if not stream:
         directory = os.path.dirname(os.path.abspath(output))
         temp = os.path.join(directory, f".{os.path.basename(output)}.tmp-{os.getpid()}")
-    source = open_image(image_path, image_format)
+    source = open_image(image_path, image_format, backing_dirs=backing_dirs)
     try:
         with (contextlib.nullcontext(sys.stdout.buffer) if stream else open(temp, "wb")) as handle:
             info = write_bundle(handle, source, manifest, ranges, level, progress)
