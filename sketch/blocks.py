@@ -107,6 +107,10 @@ class FileIdentity:
         return found.inode == self.inode
 
 
+class StaleImage(ImageError):
+    """The file at an indexed (or resolved) path is no longer the file it was."""
+
+
 def open_file(path: str, nofollow: bool = False) -> int:
     """A read-only descriptor of ``path``, which must be a regular file or a block device.
 
@@ -118,7 +122,7 @@ def open_file(path: str, nofollow: bool = False) -> int:
         fd = os.open(path, flags)
     except OSError as exc:
         if nofollow and exc.errno == errno.ELOOP:
-            raise ImageError(f"image {path} is a symbolic link now; not following it") from None
+            raise StaleImage(f"image {path} is a symbolic link now; not following it") from None
         raise ImageError(f"cannot open image {path}: {exc.strerror}") from None
     mode = os.fstat(fd).st_mode
     if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
@@ -241,10 +245,6 @@ def open_image(path: str, image_format: str | None = None, *, backing_dirs: tupl
         source.close()
         raise ImageError(f"image {path} is empty")
     return source
-
-
-class StaleImage(ImageError):
-    """The file at an indexed path is no longer the file its index entry describes."""
 
 
 def open_indexed(path: str, image_format: str | None, expected: FileIdentity, *,
