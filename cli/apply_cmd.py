@@ -29,9 +29,10 @@ def apply_with_store(store, manifest: Manifest, bundles: list[str], output: str,
     counts = manifest.byte_counts()
     with PhaseBar(progress) as phases:
         bar = phases("apply", manifest.size_bytes - counts["zero"])
-        return apply_manifest(manifest, bundles, output, [path for path, _ in local], force=force,
+        return apply_manifest(manifest, bundles, output, [source.path for source in local], force=force,
                               output_format=output_format, ranges_file=ranges_out, progress=bar,
-                              local_formats=[image_format for _, image_format in local], inputs=inputs,
+                              local_formats=[source.image_format for source in local],
+                              local_identities=[source.identity for source in local], inputs=inputs,
                               phases=phases)
 
 

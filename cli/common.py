@@ -61,6 +61,13 @@ format_option = click.option(
     help="Image format [default: detected from the file's magic bytes].",
 )
 
+backing_dir_option = click.option(
+    "--backing-dir", "backing_dirs", multiple=True, type=click.Path(file_okay=False), metavar="DIR",
+    callback=lambda ctx, param, value: tuple(value),
+    help="A directory qcow2 backing files may also come from (repeatable) [default: only the directory "
+         "of the image naming them; never a device, a FIFO, /proc or /sys].",
+)
+
 
 def emit_json(value) -> None:
     click.echo(json.dumps(value, sort_keys=False))

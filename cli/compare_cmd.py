@@ -13,6 +13,7 @@ from sketch.metrics import share_metrics
 
 from .common import (
     Progress,
+    backing_dir_option,
     block_size_option,
     emit_json,
     format_option,
@@ -24,13 +25,14 @@ from .common import (
 
 
 def digest_maps(paths: list[str], block_size: int, progress_enabled: bool, description: str,
-                image_format: str | None = None) -> list[BlockMap]:
+                image_format: str | None = None, backing_dirs: tuple[str, ...] = ()) -> list[BlockMap]:
     """Block maps of several images, with one progress bar over all their data."""
-    total = sum(data_bytes(p, block_size, image_format) for p in paths)
+    total = sum(data_bytes(p, block_size, image_format, backing_dirs) for p in paths)
     maps = []
     with Progress(progress_enabled, total, description) as progress:
         for path in paths:
-            digests = digest_image(path, block_size, image_format=image_format, progress=progress)
+            digests = digest_image(path, block_size, image_format=image_format, progress=progress,
+                                   backing_dirs=backing_dirs)
             maps.append(BlockMap.from_digests(digests))
     return maps
 
@@ -40,8 +42,10 @@ def digest_maps(paths: list[str], block_size: int, progress_enabled: bool, descr
 @click.argument("targets", nargs=-1, required=True, type=click.Path())
 @block_size_option()
 @format_option
+@backing_dir_option
 @json_option
-def command(source: str, targets: tuple[str, ...], block_size: int, image_format: str | None, as_json: bool) -> None:
+def command(source: str, targets: tuple[str, ...], block_size: int, image_format: str | None,
+            backing_dirs: tuple[str, ...], as_json: bool) -> None:
     """Share metrics of SOURCE against each TARGET (a file, or a directory: the union of its images).
 
     Counts blocks of SOURCE whose content occurs in TARGET, with duplicates (shared_ratio) and
@@ -54,10 +58,10 @@ def command(source: str, targets: tuple[str, ...], block_size: int, image_format
     """
     progress = show_progress(as_json)
     target_images = {target: list_images(target) for target in targets}
-    (source_map,) = digest_maps([source], block_size, progress, os.path.basename(source), image_format)
+    (source_map,) = digest_maps([source], block_size, progress, os.path.basename(source), image_format, backing_dirs)
     rows = []
     for target, paths in target_images.items():
-        target_maps = digest_maps(paths, block_size, progress, os.path.basename(target), image_format)
+        target_maps = digest_maps(paths, block_size, progress, os.path.basename(target), image_format, backing_dirs)
         metrics = share_metrics(source_map, target_maps)
         result = {"source": source, "target": target, **metrics.as_dict()}
         if as_json:

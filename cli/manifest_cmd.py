@@ -18,6 +18,7 @@ from store.transfer import host_manifest
 
 from .common import (
     Progress,
+    backing_dir_option,
     block_size_option,
     force_option,
     format_option,
@@ -33,13 +34,13 @@ from .common import (
 
 
 def manifest_from_store(store, image: str, host: str, block_size: int | None, progress: bool,
-                        image_format: str | None = None) -> Manifest:
+                        image_format: str | None = None, backing_dirs: tuple[str, ...] = ()) -> Manifest:
     """:func:`store.transfer.host_manifest` with progress bars on a terminal."""
     block_size = store.check_block_size(block_size)
-    total = data_bytes(image, block_size, image_format) if progress else 0
+    total = data_bytes(image, block_size, image_format, backing_dirs) if progress else 0
     name = os.path.basename(image)
     with Progress(progress, total, f"digest {name}") as digest_bar:
-        return host_manifest(store, image, host, block_size, image_format, digest_bar)
+        return host_manifest(store, image, host, block_size, image_format, digest_bar, backing_dirs=backing_dirs)
 
 
 def manifest_from_service(server_url: str, token_file: str | None, image: str, host: str,
@@ -73,12 +74,14 @@ def summary_rows(summary: dict) -> list[list]:
 @force_option
 @block_size_option(default=None)
 @format_option
+@backing_dir_option
 @redis_option
 @server_option
 @token_file_option
 @json_option
 def command(image: str, host: str, output: str | None, force: bool, block_size: int | None, image_format: str | None,
-            redis_url: str | None, server_url: str | None, token_file: str | None, as_json: bool) -> None:
+            backing_dirs: tuple[str, ...], redis_url: str | None, server_url: str | None, token_file: str | None,
+            as_json: bool) -> None:
     """Write the transfer manifest of IMAGE for host HOST (--to).
 
     Every block of IMAGE is classified exactly against all images the index lists for HOST: zero
@@ -106,7 +109,8 @@ def command(image: str, host: str, output: str | None, force: bool, block_size: 
         manifest = manifest_from_service(server_url, token_file, image, host, block_size)
     else:
         with open_store(redis_url) as store:
-            manifest = manifest_from_store(store, image, host, block_size, show_progress(as_json), image_format)
+            manifest = manifest_from_store(store, image, host, block_size, show_progress(as_json), image_format,
+                                           backing_dirs)
     size = manifest.save(output, force=force, inputs=inputs)
     summary = {"manifest": output, "manifest_bytes": size, **manifest.summary()}
     if as_json:

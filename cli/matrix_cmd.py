@@ -7,13 +7,14 @@ import os
 import click
 
 from sketch.blockmap import BlockMap
-from sketch.blocks import detect_format
+from sketch.blocks import FileIdentity, detect_format
 from sketch.errors import ImageError, NotFound, UsageError
 from sketch.matrix import CELL_VALUES, DEFAULT_CELL_VALUE, ShareMatrix, bytes_to_digest, expand_paths, load_images
 from sketch.output import check_output
 
 from .common import (
     Progress,
+    backing_dir_option,
     block_size_option,
     emit_json,
     force_option,
@@ -50,8 +51,7 @@ class IndexLookup:
         info = self.entries.get(real)
         if info is None:
             return None
-        found = os.stat(real)
-        if (info.size_bytes, info.mtime_ns, info.inode) != (found.st_size, found.st_mtime_ns, found.st_ino):
+        if not FileIdentity.of_entry(info).matches(FileIdentity.of(os.stat(real))):
             return None
         if self.image_format is not None or info.image_format is not None:
             try:  # an entry without a recorded format was read as detected
@@ -63,10 +63,11 @@ class IndexLookup:
 
 
 def _load(paths: list[str], block_size: int, progress_enabled: bool, lookup,
-          image_format: str | None = None) -> ShareMatrix:
-    total = 0 if lookup is not None or not progress_enabled else bytes_to_digest(paths, block_size, image_format)
+          image_format: str | None = None, backing_dirs: tuple[str, ...] = ()) -> ShareMatrix:
+    total = 0 if lookup is not None or not progress_enabled else bytes_to_digest(paths, block_size, image_format,
+                                                                                 backing_dirs)
     with Progress(progress_enabled, total, "matrix") as progress:
-        images, passes = load_images(paths, block_size, progress, lookup, image_format)
+        images, passes = load_images(paths, block_size, progress, lookup, image_format, backing_dirs)
     return ShareMatrix.from_images(images, passes)
 
 
@@ -74,6 +75,7 @@ def _load(paths: list[str], block_size: int, progress_enabled: bool, lookup,
 @click.argument("paths", nargs=-1, required=True, type=click.Path())
 @block_size_option()
 @format_option
+@backing_dir_option
 @click.option("--html", "html_path", type=click.Path(dir_okay=False), default=None,
               help="Also write the heat map as a self-contained HTML page.")
 @click.option("--png", "png_path", type=click.Path(dir_okay=False), default=None,
@@ -89,8 +91,9 @@ def _load(paths: list[str], block_size: int, progress_enabled: bool, lookup,
 @force_option
 @redis_option
 @json_option
-def command(paths: tuple[str, ...], block_size: int, image_format: str | None, html_path: str | None,
-            png_path: str | None, color_by: str, use_index: bool, host: str, force: bool, redis_url: str | None,
+def command(paths: tuple[str, ...], block_size: int, image_format: str | None, backing_dirs: tuple[str, ...],
+            html_path: str | None, png_path: str | None, color_by: str, use_index: bool, host: str, force: bool,
+            redis_url: str | None,
             as_json: bool) -> None:
     """Every image in PATHS (files or directories of images) against every other, exactly.
 
@@ -119,9 +122,9 @@ def command(paths: tuple[str, ...], block_size: int, image_format: str | None, h
 
         with open_store(redis_url) as store:
             matrix = _load(found, block_size, progress, IndexLookup(store, host, block_size, image_format),
-                           image_format)
+                           image_format, backing_dirs)
     else:
-        matrix = _load(found, block_size, progress, None, image_format)
+        matrix = _load(found, block_size, progress, None, image_format, backing_dirs)
     if png_path:
         from sketch.heatmap import render_png
 

@@ -17,6 +17,7 @@ from store.transfer import prepare_send
 from .apply_cmd import apply_with_store
 from .common import (
     Progress,
+    backing_dir_option,
     block_size_option,
     emit_json,
     force_option,
@@ -33,7 +34,7 @@ from .manifest_cmd import summary_rows
 
 def migrate_with_store(store, image: str, host: str, output: str, block_size: int | None = None,
                        force: bool = False, output_format: str = "raw", progress: bool = False,
-                       image_format: str | None = None) -> tuple[dict, object]:
+                       image_format: str | None = None, backing_dirs: tuple[str, ...] = ()) -> tuple[dict, object]:
     """Manifest, bundle and apply ``image`` for ``host`` into ``output``: the report and the manifest.
 
     The image is read as ``send`` reads it (one digest pass, the checksum beside it, then only the
@@ -43,11 +44,11 @@ def migrate_with_store(store, image: str, host: str, output: str, block_size: in
     check_output(output, force=force, inputs=[image])  # before any long work
     directory = os.path.dirname(os.path.abspath(output))
     block_size = store.check_block_size(block_size)
-    total = data_bytes(image, block_size, image_format) if progress else 0
+    total = data_bytes(image, block_size, image_format, backing_dirs) if progress else 0
     with tempfile.TemporaryDirectory(dir=directory, prefix=".blocksketch-migrate-") as scratch:
         with Progress(progress, total, f"digest {os.path.basename(image)}") as digest_bar:
             outgoing = prepare_send(store, image, host, block_size=block_size, image_format=image_format,
-                                    digest_progress=digest_bar)
+                                    digest_progress=digest_bar, backing_dirs=backing_dirs)
         try:
             manifest = outgoing.manifest
             manifest_bytes = manifest.save(os.path.join(scratch, "manifest"))
@@ -89,10 +90,11 @@ def migrate_with_store(store, image: str, host: str, output: str, block_size: in
               help="Write a sparse raw image, or convert it to qcow2 once verified.")
 @block_size_option(default=None)
 @format_option
+@backing_dir_option
 @redis_option
 @json_option
 def command(image: str, host: str, output: str, force: bool, output_format: str, block_size: int | None,
-            image_format: str | None, redis_url: str | None, as_json: bool) -> None:
+            image_format: str | None, backing_dirs: tuple[str, ...], redis_url: str | None, as_json: bool) -> None:
     """Move IMAGE to OUTPUT as host HOST (--to) would receive it: manifest, pack, apply.
 
     For when source and destination share a machine (a test, or a host reachable by file
@@ -108,7 +110,7 @@ def command(image: str, host: str, output: str, force: bool, output_format: str,
     """
     with open_store(redis_url) as store:
         report, manifest = migrate_with_store(store, image, host, output, block_size, force, output_format,
-                                              show_progress(as_json), image_format)
+                                              show_progress(as_json), image_format, backing_dirs)
     if as_json:
         emit_json(report)
         return

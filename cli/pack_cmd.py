@@ -15,6 +15,7 @@ from sketch.ranges import read_ranges_file
 
 from .common import (
     Progress,
+    backing_dir_option,
     emit_json,
     force_option,
     format_option,
@@ -35,9 +36,10 @@ from .common import (
 @level_option
 @force_option
 @format_option
+@backing_dir_option
 @json_option
 def command(image: str, manifest_path: str, output: str, ranges_path: str | None, level: int | None, force: bool,
-            image_format: str | None, as_json: bool) -> None:
+            image_format: str | None, backing_dirs: tuple[str, ...], as_json: bool) -> None:
     """Pack the blocks of IMAGE that MANIFEST says must be sent (each content once) into a bundle.
 
     IMAGE must still be the image MANIFEST was built from, read the same way (raw or qcow2,
@@ -62,10 +64,10 @@ def command(image: str, manifest_path: str, output: str, ranges_path: str | None
     if ranges_path is not None:
         ranges = read_ranges_file(ranges_path, manifest.manifest_id, manifest.total_blocks)
     enabled = show_progress(as_json)
-    total = data_bytes(image, manifest.block_size, image_format) if enabled else 0
+    total = data_bytes(image, manifest.block_size, image_format, backing_dirs) if enabled else 0
     with Progress(enabled, total, f"pack {os.path.basename(image)}") as progress:
         info = pack_bundle(image, manifest, output, ranges, level=level, progress=progress, image_format=image_format,
-                           force=force, inputs=inputs)
+                           force=force, inputs=inputs, backing_dirs=backing_dirs)
     result = {"bundle": output, "contents": info.contents, "blocks": info.blocks, "raw_bytes": info.raw_bytes,
               "bundle_bytes": info.bytes_written}
     # With -o -, stdout carries only bundle bytes; the summary goes to stderr.

@@ -14,6 +14,7 @@ from store.ranking import parse_indexed, rank_image
 
 from .common import (
     Progress,
+    backing_dir_option,
     block_size_option,
     emit_json,
     format_option,
@@ -74,12 +75,14 @@ def print_ranking(result: dict) -> None:
 @source_host_option
 @block_size_option(default=None)
 @format_option
+@backing_dir_option
 @redis_option
 @server_option
 @token_file_option
 @json_option
 def command(image: str, top: int, exact_top: int, exclude_hosts: tuple[str, ...], source_host: str | None,
-            block_size: int | None, image_format: str | None, redis_url: str | None, server_url: str | None,
+            block_size: int | None, image_format: str | None, backing_dirs: tuple[str, ...], redis_url: str | None,
+            server_url: str | None,
             token_file: str | None, as_json: bool) -> None:
     """Rank every indexed host by how much of IMAGE it already holds.
 
@@ -106,33 +109,36 @@ def command(image: str, top: int, exact_top: int, exclude_hosts: tuple[str, ...]
     lenient, exclude_hosts = source_hosts(source_host, exclude_hosts)
     if server_url:
         result = rank_with_service(server_url, token_file, image, top, exact_top, exclude_hosts, block_size,
-                                   show_progress(as_json), image_format, lenient)
+                                   show_progress(as_json), image_format, backing_dirs, lenient)
     else:
         result = rank_with_store(redis_url, image, top, exact_top, exclude_hosts, block_size, show_progress(as_json),
-                                 image_format, lenient)
+                                 image_format, backing_dirs, lenient)
     if as_json:
         emit_json(result)
     else:
         print_ranking(result)
 
 
-def local_query(image: str, block_size: int, progress: bool, image_format: str | None = None) -> RankQuery:
+def local_query(image: str, block_size: int, progress: bool, image_format: str | None = None,
+                backing_dirs: tuple[str, ...] = ()) -> RankQuery:
     """Digest a local image (read as ``image_format``, None: detected) into a ranking query."""
-    total = data_bytes(image, block_size, image_format) if progress else 0
+    total = data_bytes(image, block_size, image_format, backing_dirs) if progress else 0
     with Progress(progress, total, os.path.basename(image)) as bar:
-        return RankQuery.from_digests(digest_image(image, block_size, image_format=image_format, progress=bar), image)
+        return RankQuery.from_digests(digest_image(image, block_size, image_format=image_format, progress=bar,
+                                                   backing_dirs=backing_dirs), image)
 
 
 def rank_with_service(server_url: str, token_file: str | None, image: str, top: int, exact_top: int,
                       exclude_hosts: tuple[str, ...], block_size: int | None, progress: bool,
-                      image_format: str | None = None, source_host: str | None = None) -> dict:
+                      image_format: str | None = None, backing_dirs: tuple[str, ...] = (),
+                      source_host: str | None = None) -> dict:
     """Ask the service: an indexed image by name, a local one as its digests and counts."""
     from server.handlers import rank_query_to_body
 
     options = {"top": top, "exact_top": exact_top, "exclude_hosts": list(exclude_hosts)}
     with service_client(server_url, token_file) as client:
         if os.path.exists(image):
-            query = local_query(image, client.check_block_size(block_size), progress, image_format)
+            query = local_query(image, client.check_block_size(block_size), progress, image_format, backing_dirs)
             query.require_data()
             if source_host is not None:
                 options["source_host"] = source_host
@@ -146,10 +152,10 @@ def rank_with_service(server_url: str, token_file: str | None, image: str, top: 
 
 def rank_with_store(redis_url: str | None, image: str, top: int, exact_top: int, exclude_hosts: tuple[str, ...],
                     block_size: int | None, progress: bool, image_format: str | None = None,
-                    source_host: str | None = None) -> dict:
+                    backing_dirs: tuple[str, ...] = (), source_host: str | None = None) -> dict:
     with open_store(redis_url) as store:
         if os.path.exists(image):
-            query = local_query(image, store.check_block_size(block_size), progress, image_format)
+            query = local_query(image, store.check_block_size(block_size), progress, image_format, backing_dirs)
             return rank_image(store, query, top=top, exact_top=exact_top, exclude_hosts=exclude_hosts,
                               block_size=block_size, source_host=source_host)
         if parse_indexed(image) is not None:

@@ -62,9 +62,10 @@ def command(stream: str, output: str, host: str | None, force: bool, output_form
         reader = open_stream_bundle(handle, manifest, what)
         with PhaseBar(show_progress(as_json)) as phases:
             bar = phases("receive", manifest.size_bytes - manifest.byte_counts()["zero"])
-            result = apply_manifest(manifest, [reader], output, [path for path, _ in local], force=force,
+            result = apply_manifest(manifest, [reader], output, [source.path for source in local], force=force,
                                     output_format=output_format, ranges_file=ranges_out, progress=bar,
-                                    local_formats=[image_format for _, image_format in local],
+                                    local_formats=[source.image_format for source in local],
+                                    local_identities=[source.identity for source in local],
                                     inputs=[] if stream == "-" else [stream], phases=phases)
     except MissingBlocks as missing:
         if as_json:

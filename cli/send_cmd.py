@@ -19,6 +19,7 @@ from store.transfer import prepare_send
 
 from .common import (
     PhaseBar,
+    backing_dir_option,
     block_size_option,
     emit_json,
     force_option,
@@ -49,10 +50,12 @@ from .common import (
 @force_option
 @block_size_option(default=None)
 @format_option
+@backing_dir_option
 @redis_option
 @json_option
 def command(image: str, host: str | None, output: str, exact_top: int, exclude_hosts: tuple[str, ...],
             source_host: str | None, level: int | None, force: bool, block_size: int | None, image_format: str | None,
+            backing_dirs: tuple[str, ...],
             redis_url: str | None, as_json: bool) -> None:
     """Stream IMAGE to the host that already holds most of it, for `blocksketch receive` there.
 
@@ -83,11 +86,11 @@ def command(image: str, host: str | None, output: str, exact_top: int, exclude_h
     with PhaseBar(progress) as phases:
         with open_store(redis_url) as store:
             block_size = store.check_block_size(block_size)
-            total = data_bytes(image, block_size, image_format) if progress else 0
+            total = data_bytes(image, block_size, image_format, backing_dirs) if progress else 0
             outgoing = prepare_send(store, image, host, block_size=block_size, image_format=image_format,
                                     exact_top=exact_top, exclude_hosts=exclude_hosts, source_host=lenient,
                                     digest_progress=phases(f"digest {os.path.basename(image)}", total),
-                                    phases=phases)
+                                    phases=phases, backing_dirs=backing_dirs)
         prepared = time.perf_counter()
         try:
             info = _write(outgoing, output, level, phases, force, image)

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import base64
-import os
 import threading
 from collections import OrderedDict
 
 import numpy as np
 
 from sketch.blockmap import key_digests
+from sketch.blocks import FileIdentity, StaleImage
 from sketch.digests import DIGEST_SIZE
 from sketch.errors import ImageError, UsageError
 from sketch.rank import DEFAULT_EXACT_TOP, DEFAULT_TOP, RankQuery
@@ -37,13 +37,14 @@ def manifest(state: ServiceState, params: dict, body: dict) -> dict:
         raise UsageError("'include_manifest' must be true or false")
     info = state.store.image(source_host, path)
     try:
-        current = os.stat(info.path)
-    except OSError as exc:
-        raise ImageError(f"image {info.path} of host {source_host} is not readable by this service "
-                         f"({exc.strerror}); run `blocksketch manifest` on {source_host}") from None
-    if (current.st_size, current.st_mtime_ns) != (info.size_bytes, info.mtime_ns):
-        raise ImageError(f"image {info.path} changed since it was indexed; refresh the index of {source_host}")
-    built = host_manifest(state.store, info.path, destination, image_format=info.image_format)
+        built = host_manifest(state.store, info.path, destination, image_format=info.image_format,
+                              expected=FileIdentity.of_entry(info))
+    except StaleImage:
+        raise ImageError(f"image {info.path} changed since it was indexed; refresh the index of "
+                         f"{source_host}") from None
+    except ImageError as exc:
+        raise ImageError(f"image {info.path} of host {source_host} is not readable by this service ({exc}); "
+                         f"run `blocksketch manifest` on {source_host}") from None
     data = built.to_bytes()
     result = {"image": f"{source_host}:{info.path}", "to": destination, "manifest_bytes": len(data), **built.summary()}
     if include:

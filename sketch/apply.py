@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .blocks import ImageSource, open_image
+from .blocks import FileIdentity, ImageSource, open_image, open_indexed
 from .bundle import BundleReader, open_bundle
 from .errors import ImageError, NotFound, UsageError, VerificationError
 from .imagesum import SEGMENT_BYTES, leaf, root, segment_count, segments_touched, strong_hash, zero_leaf
@@ -91,14 +91,23 @@ def resolve_local_images(manifest: Manifest, host: str, lookup: Callable[[str, s
     ``lookup(host, path)`` is ``store.image``: it returns the index entry or raises NotFound.
     Every image must be indexed on ``host`` with the identity the manifest recorded.
     """
-    return [path for path, _ in resolve_local_sources(manifest, host, lookup)]
+    return [source.path for source in resolve_local_sources(manifest, host, lookup)]
 
 
-def resolve_local_sources(manifest: Manifest, host: str,
-                          lookup: Callable[[str, str], object]) -> list[tuple[str, str | None]]:
-    """``(path, format)`` of the manifest's local images from ``host``'s own index entries, as
-    :func:`resolve_local_images`; the format is the one the image was indexed as (None: not
-    recorded, detect by magic), so a block offset means the same bytes it meant to the index."""
+@dataclass(frozen=True)
+class LocalSource:
+    """A local image as the destination's index entry gives it: where, read as what, and the file
+    identity that what is opened there must still have (:func:`sketch.blocks.open_indexed`)."""
+
+    path: str
+    image_format: str | None  # as indexed; None: not recorded, detect by magic
+    identity: FileIdentity
+
+
+def resolve_local_sources(manifest: Manifest, host: str, lookup: Callable[[str, str], object]) -> list[LocalSource]:
+    """The manifest's local images from ``host``'s own index entries, as :func:`resolve_local_images`;
+    the format is the one the image was indexed as, so a block offset means the same bytes it meant
+    to the index, and the identity the one it had then."""
     if host != manifest.host:
         raise UsageError(f"the manifest was built for host {manifest.host!r}, not {host!r}")
     paths = []
@@ -113,7 +122,7 @@ def resolve_local_sources(manifest: Manifest, host: str,
         if not image.matches(info):
             raise VerificationError(f"image {image.path} on {host} was re-indexed or replaced since the manifest "
                                     "was built; nothing written (rebuild the manifest)")
-        paths.append((str(info.path), getattr(info, "image_format", None)))
+        paths.append(LocalSource(str(info.path), getattr(info, "image_format", None), FileIdentity.of_entry(info)))
     return paths
 
 
@@ -148,12 +157,14 @@ def default_ranges_file(output: str) -> str:
 def apply_manifest(manifest: Manifest, bundles: list[str | BundleReader], output: str, local_paths: list[str],
                    force: bool = False, output_format: str = "raw", ranges_file: str | None = None,
                    progress: Progress | None = None, local_formats: list[str | None] | None = None,
-                   inputs: list[str] | tuple[str, ...] = (), phases: Phases | None = None) -> ApplyResult:
+                   local_identities: list[FileIdentity] | None = None, inputs: list[str] | tuple[str, ...] = (),
+                   phases: Phases | None = None) -> ApplyResult:
     """Rebuild the manifest's image at ``output``; see the module docstring for the guarantees.
 
     ``bundles``: paths (``-`` for stdin) or readers already positioned at a bundle (a migration
     stream's). ``local_paths`` come from :func:`resolve_local_images` (one per ``manifest.images``);
-    ``local_formats``, one per path, from :func:`resolve_local_sources` (None: detect by magic).
+    ``local_formats``, one per path, from :func:`resolve_local_sources` (None: detect by magic), and
+    ``local_identities`` (each local image is read only if it is still that file; None: not checked).
     ``output`` replaces an existing file only with ``force``, and never one of the command's own
     files: the bundles, the local images, ``inputs`` (the manifest's or stream's file).
     ``phases`` hears when the final checks start (the checksum's tail and the sync, a conversion).
@@ -192,7 +203,8 @@ def apply_manifest(manifest: Manifest, bundles: list[str | BundleReader], output
         fd = create_exclusive(temp)
         try:
             result = ApplyResult(output, manifest.size_bytes)
-            rebuild = _Rebuild(fd, manifest, readers, covered, local_paths, local_formats, progress)
+            rebuild = _Rebuild(fd, manifest, readers, covered, local_paths, local_formats, progress,
+                               local_identities)
             rebuild.phases = phases
             checksum = rebuild.run(result)
         finally:
@@ -252,13 +264,15 @@ class _Rebuild:
     """Writes every block of the image into ``fd`` and returns its whole-image checksum."""
 
     def __init__(self, fd: int, manifest: Manifest, readers: list[BundleReader], covered: np.ndarray,
-                 local_paths: list[str], local_formats: list[str | None], progress: Progress | None):
+                 local_paths: list[str], local_formats: list[str | None], progress: Progress | None,
+                 local_identities: list[FileIdentity] | None = None):
         self.fd = fd
         self.manifest = manifest
         self.readers = readers
         self.covered = covered
         self.local_paths = local_paths
         self.local_formats = local_formats
+        self.local_identities = local_identities or [None] * len(local_paths)
         self._progress = progress
         self._progress_lock = threading.Lock()
         self.block_size = manifest.block_size
@@ -382,7 +396,8 @@ class _Rebuild:
                 sources = per_thread.sources = {}
             source = sources.get(image)
             if source is None:
-                source = sources[image] = _open_local(self.local_paths[image], self.local_formats[image])
+                source = sources[image] = _open_local(self.local_paths[image], self.local_formats[image],
+                                                      self.local_identities[image])
                 with opened_lock:
                     opened.append(source)
             return source
@@ -526,9 +541,11 @@ class _SegmentHasher:
             self._pool = None
 
 
-def _open_local(path: str, image_format: str | None) -> ImageSource:
+def _open_local(path: str, image_format: str | None, identity: FileIdentity | None) -> ImageSource:
     try:
-        return open_image(path, image_format)
+        if identity is None:
+            return open_image(path, image_format, nofollow=True)
+        return open_indexed(path, image_format, identity, written_ok=True)
     except ImageError as exc:
         raise ImageError(f"local image of the index cannot be read: {exc}") from None
 

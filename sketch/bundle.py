@@ -118,7 +118,7 @@ def bundle_header(manifest: Manifest, start: np.ndarray, count: np.ndarray, cont
 def pack_bundle(image_path: str, manifest: Manifest, output: str, ranges: tuple[np.ndarray, np.ndarray] | None = None,
                 level: int | None = DEFAULT_LEVEL, progress: Progress | None = None,
                 image_format: str | None = None, force: bool = False,
-                inputs: tuple[str, ...] | list[str] = ()) -> BundleInfo:
+                inputs: tuple[str, ...] | list[str] = (), backing_dirs: tuple[str, ...] = ()) -> BundleInfo:
     """Write the bundle of ``image_path`` for ``manifest`` to ``output`` (as
     :func:`sketch.output.atomic_output`: whole or not at all, ``force`` to replace a file, never
     onto the image or another of ``inputs``), or stream it. ``level`` None compresses adaptively,
@@ -135,7 +135,7 @@ def pack_bundle(image_path: str, manifest: Manifest, output: str, ranges: tuple[
     writes no output.
     """
     check_output(output, force=force, inputs=[image_path, *inputs], what="bundle")
-    source = open_image(image_path, image_format)
+    source = open_image(image_path, image_format, backing_dirs=backing_dirs)
     try:
         with atomic_output(output, force=force, inputs=[image_path, *inputs], what="bundle") as handle:
             info = write_bundle(handle, source, manifest, ranges, level or DEFAULT_LEVEL, progress,

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .blocks import DEFAULT_BLOCK_SIZE, ImageSource, block_count, check_block_size, open_image
+from .blocks import DEFAULT_BLOCK_SIZE, ImageSource, block_count, check_block_size, open_image, reopen
 from .errors import UsageError
 
 DIGEST_SIZE = 16
@@ -139,17 +139,18 @@ def _data_spans(source: ImageSource, block_size: int, size_bytes: int) -> list[t
     return tasks
 
 
-_worker_sources: dict[tuple[str, str], ImageSource] = {}
+_worker_sources: dict[tuple[str, str, tuple[str, ...]], ImageSource] = {}
 
 
-def _worker_digest(path: str, image_format: str, start: int, stop: int, block_size: int, algorithm: str):
-    key = (path, image_format)
+def _worker_digest(path: str, image_format: str, backing_dirs: tuple[str, ...], start: int, stop: int,
+                   block_size: int, algorithm: str):
+    key = (path, image_format, backing_dirs)
     source = _worker_sources.get(key)
     if source is None:
         for old in _worker_sources.values():
             old.close()
         _worker_sources.clear()
-        source = _worker_sources[key] = open_image(path, image_format)
+        source = _worker_sources[key] = open_image(path, image_format, backing_dirs=backing_dirs)
     first = start // block_size
     count = (stop - start) // block_size
     digests = _zero_filled(count, block_size, algorithm)
@@ -206,7 +207,7 @@ def _digest_in_threads(source: ImageSource, spans: list[tuple[int, int]], block_
     def work(span: tuple[int, int]) -> None:
         reader = getattr(local, "reader", None)
         if reader is None:
-            reader = local.reader = open_image(source.path, source.format)
+            reader = local.reader = reopen(source)
             with lock:
                 opened.append(reader)
         _digest_span(reader, span[0], span[1], block_size, algorithm, digests, zero, report if progress else None)
@@ -238,7 +239,8 @@ def digest_source(source: ImageSource, block_size: int = DEFAULT_BLOCK_SIZE, alg
         _digest_in_threads(source, spans, block_size, algorithm, digests, zero, progress, workers)
     else:
         pool = _get_pool(workers)
-        jobs = [pool.submit(_worker_digest, source.path, source.format, start, stop, block_size, algorithm)
+        jobs = [pool.submit(_worker_digest, source.path, source.format, source.backing_dirs, start, stop, block_size,
+                            algorithm)
                 for start, stop in spans]
         try:
             for job, (start, stop) in zip(jobs, spans):
@@ -255,19 +257,21 @@ def digest_source(source: ImageSource, block_size: int = DEFAULT_BLOCK_SIZE, alg
 
 def digest_image(path: str, block_size: int = DEFAULT_BLOCK_SIZE, algorithm: str = DEFAULT_ALGORITHM,
                  image_format: str | None = None, workers: int | None = None,
-                 progress: ProgressCallback | None = None) -> ImageDigests:
-    """Digest every block of the image at ``path`` (format detected by magic unless given)."""
+                 progress: ProgressCallback | None = None, backing_dirs: tuple[str, ...] = ()) -> ImageDigests:
+    """Digest every block of the image at ``path`` (format detected by magic unless given; a qcow2's
+    backing files from its own directory or ``backing_dirs``)."""
     check_block_size(block_size)
-    source = open_image(path, image_format)
+    source = open_image(path, image_format, backing_dirs=backing_dirs)
     try:
         return digest_source(source, block_size, algorithm, workers, progress)
     finally:
         source.close()
 
 
-def data_bytes(path: str, block_size: int = DEFAULT_BLOCK_SIZE, image_format: str | None = None) -> int:
+def data_bytes(path: str, block_size: int = DEFAULT_BLOCK_SIZE, image_format: str | None = None,
+               backing_dirs: tuple[str, ...] = ()) -> int:
     """Bytes that digesting ``path`` will actually read (its data extents), for progress bars."""
-    source = open_image(path, image_format)
+    source = open_image(path, image_format, backing_dirs=backing_dirs)
     try:
         return sum(stop - start for start, stop in _data_spans(source, block_size, source.size_bytes))
     finally:

@@ -27,7 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 import blake3
 import numpy as np
 
-from .blocks import ImageSource, open_image
+from .blocks import ImageSource, reopen
 
 SEGMENT_BYTES = 4 << 20
 CHECKSUM_ALGORITHM = "blake3-tree-4m"
@@ -198,7 +198,7 @@ class ChecksumThread:
     def __init__(self, source: ImageSource):
         self._stop = threading.Event()
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="blocksketch-checksum")
-        self._future = self._pool.submit(self._run, open_image(source.path, source.format))
+        self._future = self._pool.submit(self._run, reopen(source))
         self._pool.shutdown(wait=False)  # the thread ends with its one task
 
     def _run(self, reader: ImageSource) -> bytes:

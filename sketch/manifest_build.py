@@ -170,7 +170,7 @@ def _changed(path: str) -> ImageError:
 def build_manifest(image_path: str, host: str, targets: list[tuple[LocalImage, BlockMap]],
                    block_size: int = DEFAULT_BLOCK_SIZE, algorithm: str = DEFAULT_ALGORITHM,
                    digest_progress: Progress | None = None, seal_progress: Progress | None = None,
-                   image_format: str | None = None) -> Manifest:
+                   image_format: str | None = None, backing_dirs: tuple[str, ...] = ()) -> Manifest:
     """The manifest rebuilding ``image_path`` on ``host`` from its images ``targets`` plus a bundle.
 
     ``targets`` are the destination's index entries with their block maps (``store.host_block_maps``).
@@ -179,7 +179,7 @@ def build_manifest(image_path: str, host: str, targets: list[tuple[LocalImage, B
     """
     check_block_size(block_size)
     _check_targets(targets, block_size)
-    source = open_image(image_path, image_format)
+    source = open_image(image_path, image_format, backing_dirs=backing_dirs)
     checksum = None
     try:
         digests = digest_source(source, block_size, algorithm, progress=digest_progress)

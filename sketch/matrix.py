@@ -209,7 +209,8 @@ def expand_paths(paths: Sequence[str]) -> list[str]:
 
 def load_images(paths: Sequence[str], block_size: int, progress: ProgressCallback | None = None,
                 lookup: BlockMapLookup | None = None,
-                image_format: str | None = None) -> tuple[list[MatrixImage], int]:
+                image_format: str | None = None,
+                backing_dirs: tuple[str, ...] = ()) -> tuple[list[MatrixImage], int]:
     """Block maps of ``paths`` (image files): from ``lookup`` where it has one, else one digest pass each.
 
     ``image_format`` ("raw" or "qcow2") reads every image as that format; None detects each by magic.
@@ -226,15 +227,16 @@ def load_images(paths: Sequence[str], block_size: int, progress: ProgressCallbac
             images.append(MatrixImage(path, name, block_map, from_index=True))
             continue
         block_map = BlockMap.from_digests(digest_image(path, block_size, image_format=image_format,
-                                                       progress=progress))
+                                                       progress=progress, backing_dirs=backing_dirs))
         passes += 1
         images.append(MatrixImage(path, name, block_map))
     return images, passes
 
 
-def bytes_to_digest(paths: Sequence[str], block_size: int, image_format: str | None = None) -> int:
+def bytes_to_digest(paths: Sequence[str], block_size: int, image_format: str | None = None,
+                    backing_dirs: tuple[str, ...] = ()) -> int:
     """Bytes :func:`load_images` will read without a lookup (the images' data extents), for a progress bar."""
-    return sum(data_bytes(path, block_size, image_format) for path in paths)
+    return sum(data_bytes(path, block_size, image_format, backing_dirs) for path in paths)
 
 
 def build_matrix(paths: Sequence[str], block_size: int, progress: ProgressCallback | None = None,

@@ -68,6 +68,7 @@ from __future__ import annotations
 import errno
 import itertools
 import os
+import stat
 import struct
 import zlib
 from collections import OrderedDict
@@ -75,7 +76,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from .blocks import RawImage, detect_format
+from .blocks import FileIdentity, RawImage, detect_format, open_file
 from .errors import ImageError
 
 MAGIC = b"QFI\xfb"
@@ -154,6 +155,32 @@ def _probe_foreign_format(path: str) -> str | None:
     return None
 
 
+# Never a backing file, whatever the caller allows: kernel files that look like regular files.
+PSEUDO_FILE_SYSTEMS = ("/proc", "/sys")
+
+
+def backing_roots(image_path: str, backing_dirs: tuple[str, ...] = ()) -> tuple[str, ...]:
+    """The real directories a backing file named by ``image_path`` may lie in (or below): the
+    image's own directory (as named, and where the image really is), then ``backing_dirs``.
+
+    A qcow2 names its backing file by any path it likes, so without this rule an image from
+    anyone would make blocksketch read, digest and ship any file it can read (``/etc/shadow``).
+    """
+    own = os.path.realpath(os.path.dirname(os.path.abspath(image_path)))
+    where = os.path.dirname(os.path.realpath(image_path))
+    roots = [own] + ([where] if where != own else [])
+    roots.extend(os.path.realpath(d) for d in backing_dirs)
+    return tuple(roots)
+
+
+def _opened_path(source) -> str | None:
+    """The path the kernel knows an open source's file by (Linux), or None where it cannot say."""
+    try:
+        return os.readlink(f"/proc/self/fd/{source._fd}")
+    except OSError:
+        return None
+
+
 _tokens = itertools.count()  # tells apart the images sharing one TableCache
 
 
@@ -192,20 +219,21 @@ class Qcow2Image:
 
     format = "qcow2"
 
-    def __init__(self, path: str, *, cache: TableCache | None = None, _chain: tuple[str, ...] = ()):
+    def __init__(self, path: str, *, cache: TableCache | None = None, backing_dirs: tuple[str, ...] = (),
+                 nofollow: bool = False, _chain: tuple[str, ...] = ()):
         self.path = path
         self.backing: Qcow2Image | RawImage | None = None
+        self.backing_dirs = tuple(backing_dirs)
         self._fd = -1
         self._cache = cache if cache is not None else TableCache()
         self._zstd = None
         self._token = next(_tokens)
         self._last_cluster: tuple[int, bytes] | None = None
+        self._fd = open_file(path, nofollow)
         try:
-            self._fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-        except OSError as exc:
-            raise ImageError(f"cannot open image {path}: {exc.strerror}") from None
-        try:
-            self.file_size = os.fstat(self._fd).st_size
+            info = os.fstat(self._fd)
+            self.identity = FileIdentity.of(info)
+            self.file_size = info.st_size
             self._read_header()
             if self.backing_name is not None:
                 self.backing = self._open_backing(_chain + (os.path.realpath(path),))
@@ -340,26 +368,50 @@ class Qcow2Image:
             raise self._fail("keeps its data in an external data file, which is not supported")
 
     def _open_backing(self, chain: tuple[str, ...]) -> Qcow2Image | RawImage:
+        """Open the backing file, if it may be read: see :func:`backing_roots` for where from."""
         name = self.backing_name
         assert name is not None
         if name.startswith("json:") or "://" in name:
             raise self._fail(f"backing file {name!r} is not a local file")
         # QEMU resolves a relative name against the directory of the image as it was named.
         path = name if os.path.isabs(name) else os.path.join(os.path.dirname(self.path), name)
-        if not os.path.isfile(path):
-            raise self._fail(f"backing file {path} is missing")
-        if os.path.realpath(path) in chain:
+        real = os.path.realpath(path)
+        roots = backing_roots(self.path, self.backing_dirs)
+        self._check_backing_place(name, real, roots)
+        try:
+            info = os.lstat(real)
+        except OSError:
+            raise self._fail(f"backing file {path} is missing") from None
+        if not stat.S_ISREG(info.st_mode):
+            raise self._fail(f"backing file {name!r} is not a regular file; refused")
+        if real in chain:
             raise self._fail(f"backing chain loops back to {path}")
         if len(chain) >= MAX_CHAIN_DEPTH:
             raise self._fail(f"backing chain is deeper than {MAX_CHAIN_DEPTH} images")
         backing_format = self.backing_format
         if backing_format is None:  # old images do not record it: probe, as QEMU does
-            backing_format = _probe_foreign_format(path) or detect_format(path)
+            backing_format = _probe_foreign_format(real) or detect_format(real)
         if backing_format == "raw":
-            return RawImage(path)
-        if backing_format == "qcow2":
-            return Qcow2Image(path, cache=self._cache, _chain=chain)
-        raise self._fail(f"backing file {path} has unsupported format {backing_format!r}")
+            backing: Qcow2Image | RawImage = RawImage(real, nofollow=True)
+        elif backing_format == "qcow2":
+            backing = Qcow2Image(real, cache=self._cache, backing_dirs=self.backing_dirs, nofollow=True,
+                                 _chain=chain)
+        else:
+            raise self._fail(f"backing file {path} has unsupported format {backing_format!r}")
+        # What was opened, not what was checked: a directory swapped for a symlink meanwhile, or a
+        # device put in the file's place, is caught here.
+        opened = _opened_path(backing)
+        if not backing.identity.same_file(FileIdentity.of(info)) or (opened is not None and opened != real):
+            backing.close()
+            raise self._fail(f"backing file {name!r} changed while it was opened; refused")
+        return backing
+
+    def _check_backing_place(self, name: str, real: str, roots: tuple[str, ...]) -> None:
+        if any(real == fs or real.startswith(fs + "/") for fs in PSEUDO_FILE_SYSTEMS):
+            raise self._fail(f"backing file {name!r} resolves to {real}, under /proc or /sys; refused")
+        if not any(real == root or real.startswith(root.rstrip("/") + "/") for root in roots):
+            raise self._fail(f"backing file {name!r} resolves to {real}, outside the image's directory "
+                             f"{roots[0]} and every directory allowed for backing files; refused")
 
     # --- mapping ------------------------------------------------------------------------------
 

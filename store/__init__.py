@@ -14,7 +14,7 @@ from .catalogue import HostInfo, ImageInfo
 from .config import DEFAULT_FP_RATE, IndexConfig
 from .connect import connect, printable_url
 from .embedded import EmbeddedServer, blocksketch_home
-from .index import RefreshReport, host_union, refresh_host
+from .index import EmptyRoot, ForgetReport, RefreshReport, forget_images, host_union, refresh_host
 from .reader import Store
 from .sketches import HOST_FILTER, HostUnion, register_host_sketch
 
@@ -37,6 +37,8 @@ def open_store(url: str | None = None) -> Store:
 
 __all__ = [
     "DEFAULT_FP_RATE",
+    "EmptyRoot",
+    "ForgetReport",
     "HOST_FILTER",
     "HostInfo",
     "HostUnion",
@@ -46,6 +48,7 @@ __all__ = [
     "Store",
     "URL_ENV",
     "blocksketch_home",
+    "forget_images",
     "host_union",
     "open_store",
     "refresh_host",

@@ -57,6 +57,10 @@ class ImageEntry:
     # The format it was read as ("raw", "qcow2"); None in entries written before it was recorded,
     # which were always read as detected by magic.
     image_format: str | None = None
+    device: int | None = None  # st_dev when indexed; None in entries written before it was recorded
+    # The real root the refresh walked when it found the image (its path may lie elsewhere, reached
+    # through a symlink): a refresh of that root drops the entry once it no longer reaches it.
+    root: str | None = None
 
     def unchanged(self, size_bytes: int, mtime_ns: int, inode: int) -> bool:
         return (self.size_bytes, self.mtime_ns, self.inode) == (size_bytes, mtime_ns, inode)
@@ -137,6 +141,10 @@ def _encode_image(image: ImageEntry) -> dict:
     fields = {name: getattr(image, name) for name in _IMAGE_FIELDS}
     if image.image_format is not None:  # optional: readers of entries without it detect by magic
         fields["format"] = image.image_format
+    if image.device is not None:
+        fields["device"] = image.device
+    if image.root is not None:
+        fields["root"] = image.root
     return fields
 
 
@@ -153,6 +161,10 @@ def decode(data: bytes | None, host: str) -> Catalogue:
         values["indexed_at"] = float(values["indexed_at"])
         if "format" in raw:
             values["image_format"] = codec.field(raw, "format", str, what)
+        if "device" in raw:
+            values["device"] = codec.field(raw, "device", int, what)
+        if "root" in raw:
+            values["root"] = codec.field(raw, "root", str, what)
         image = ImageEntry(**values)
         if min(image.size_bytes, image.total_blocks, image.zero_blocks, image.distinct, image.chunks - 1,
                image.filter_m_bits - 8) < 0 or image.zero_blocks + image.distinct > image.total_blocks:
@@ -207,13 +219,14 @@ class ImageInfo:
     distinct_nonzero: int = 0
     generation: int = 0
     image_format: str | None = None  # as read when indexed; None: not recorded (detect by magic)
+    device: int | None = None  # st_dev when indexed; None: not recorded
 
     @classmethod
     def from_entry(cls, catalogue: Catalogue, entry: ImageEntry) -> ImageInfo:
         return cls(catalogue.host, entry.path, entry.image_id, entry.size_bytes, entry.total_blocks,
                    entry.distinct + (1 if entry.zero_blocks else 0), entry.zero_blocks, entry.indexed_at,
                    entry.mtime_ns, entry.inode, catalogue.block_size, catalogue.algorithm, entry.distinct,
-                   entry.generation, entry.image_format)
+                   entry.generation, entry.image_format, entry.device)
 
     @property
     def disk_bytes(self) -> int:

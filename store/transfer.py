@@ -8,7 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from sketch.blockmap import index_digests, shared_lookups
-from sketch.blocks import ImageSource, open_image
+from sketch.blocks import FileIdentity, ImageSource, open_image, open_indexed
 from sketch.digests import digest_source
 from sketch.imagesum import ChecksumThread
 from sketch.manifest import LocalImage, Manifest
@@ -25,13 +25,32 @@ Progress = Callable[[int], None]
 
 def host_manifest(store: Store, image: str, host: str, block_size: int | None = None,
                   image_format: str | None = None, digest_progress: Progress | None = None,
-                  seal_progress: Progress | None = None) -> Manifest:
+                  seal_progress: Progress | None = None, *, backing_dirs: tuple[str, ...] = (),
+                  expected: FileIdentity | None = None) -> Manifest:
     """The manifest of the local ``image`` (read as ``image_format``, None: detected) against every
-    image the index lists for ``host``, at the index's block size."""
+    image the index lists for ``host``, at the index's block size.
+
+    ``expected``: ``image`` is an indexed path, to be read only if the file there is still the one
+    its entry describes (:func:`sketch.blocks.open_indexed`); the service builds manifests so.
+    """
     block_size = store.check_block_size(block_size)
     targets = [(LocalImage.from_info(info), block_map) for info, block_map in store.host_block_maps(host)]
-    return build_manifest(os.path.abspath(image), host, targets, block_size, digest_progress=digest_progress,
-                          seal_progress=seal_progress, image_format=image_format)
+    path = os.path.abspath(image)
+    if expected is None:
+        return build_manifest(path, host, targets, block_size, digest_progress=digest_progress,
+                              seal_progress=seal_progress, image_format=image_format, backing_dirs=backing_dirs)
+    source = open_indexed(path, image_format, expected, backing_dirs=backing_dirs)
+    checksum = None
+    try:
+        digests = digest_source(source, block_size, progress=digest_progress)
+        checksum = ChecksumThread(source)
+        return manifest_from_digests(source, digests, host, targets, checksum.result, seal_progress, source_path=path)
+    except BaseException:
+        if checksum is not None:
+            checksum.cancel()
+        raise
+    finally:
+        source.close()
 
 
 @dataclass
@@ -52,7 +71,7 @@ def prepare_send(store: Store, image: str, host: str | None = None, *, block_siz
                  image_format: str | None = None, top: int = DEFAULT_TOP, exact_top: int = DEFAULT_EXACT_TOP,
                  exclude_hosts: tuple[str, ...] | list[str] = (), source_host: str | None = None,
                  digest_progress: Progress | None = None, seal_progress: Progress | None = None,
-                 phases: Phases | None = None) -> Outgoing:
+                 phases: Phases | None = None, backing_dirs: tuple[str, ...] = ()) -> Outgoing:
     """Read ``image`` once and build its manifest for ``host``, or for rank's winner when None
     (``exclude_hosts`` and ``source_host`` as :func:`store.ranking.rank_image` takes them).
     ``phases`` hears when ranking and planning start (the digest pass reports to ``digest_progress``).
@@ -64,7 +83,7 @@ def prepare_send(store: Store, image: str, host: str | None = None, *, block_siz
     block_size = store.check_block_size(block_size)
     path = os.path.abspath(image)
     stamp = image_stamp(path)
-    source = open_image(path, image_format)
+    source = open_image(path, image_format, backing_dirs=backing_dirs)
     checksum = None
     clock = _Clock()
     try:
