@@ -21,7 +21,8 @@ from .common import (
 
 
 def apply_with_store(store, manifest: Manifest, bundles: list[str], output: str, host: str | None, force: bool,
-                     output_format: str, ranges_out: str | None, progress: bool, inputs: list[str] | tuple = ()):
+                     output_format: str, ranges_out: str | None, progress: bool, inputs: list[str] | tuple = (),
+                     backing_dirs: tuple[str, ...] = ()):
     """Resolve the manifest's local images through ``host``'s own index entries, then apply."""
     host = host or manifest.host
     store.check_block_size(manifest.block_size)
@@ -33,7 +34,7 @@ def apply_with_store(store, manifest: Manifest, bundles: list[str], output: str,
                               output_format=output_format, ranges_file=ranges_out, progress=bar,
                               local_formats=[source.image_format for source in local],
                               local_identities=[source.identity for source in local], inputs=inputs,
-                              phases=phases)
+                              phases=phases, backing_dirs=backing_dirs)
 
 
 @click.command("apply")
@@ -43,7 +44,8 @@ def apply_with_store(store, manifest: Manifest, bundles: list[str], output: str,
 @redis_option
 @json_option
 def command(manifest_path: str, bundles: tuple[str, ...], output: str, host: str | None, force: bool,
-            output_format: str, ranges_out: str | None, redis_url: str | None, as_json: bool) -> None:
+            backing_dirs: tuple[str, ...], output_format: str, ranges_out: str | None, redis_url: str | None,
+            as_json: bool) -> None:
     """Rebuild the image of MANIFEST as OUTPUT from BUNDLE(s) and this host's indexed images.
 
     Local blocks are read only from images this host's index lists with the identity the manifest
@@ -64,7 +66,8 @@ def command(manifest_path: str, bundles: tuple[str, ...], output: str, host: str
     try:
         with open_store(redis_url) as store:
             result = apply_with_store(store, manifest, list(bundles), output, host, force, output_format,
-                                      ranges_out, show_progress(as_json), inputs=[manifest_path])
+                                      ranges_out, show_progress(as_json), inputs=[manifest_path],
+                                      backing_dirs=backing_dirs)
     except MissingBlocks as missing:
         if as_json:
             emit_json({"status": "missing", "ranges_file": missing.ranges_file,

@@ -265,6 +265,7 @@ def rebuild_options(source: str):
                      help=f"This host's name in the index; must be the {source}'s destination [default: "
                           f"${HOST_ENV}, else this machine's host name]."),
         force_option,
+        backing_dir_option,
         click.option("--output-format", type=click.Choice(OUTPUT_FORMATS), default="raw", show_default=True,
                      help="Write a sparse raw image, or convert it to qcow2 (qemu-img) once verified."),
         click.option("--ranges-out", type=click.Path(dir_okay=False), default=None,

@@ -65,11 +65,11 @@ def migrate_with_store(store, image: str, host: str, output: str, block_size: in
             missing_file = os.path.join(scratch, "missing.json")
             try:
                 result = apply_with_store(store, manifest, [main], output, host, force, output_format, missing_file,
-                                          progress, inputs=[image])
+                                          progress, inputs=[image], backing_dirs=backing_dirs)
             except MissingBlocks as missing:
                 extra, extra_bytes = bundle("extra", (missing.start, missing.count))
                 result = apply_with_store(store, manifest, [main, extra], output, host, force, output_format,
-                                          missing_file + ".again", progress, inputs=[image])
+                                          missing_file + ".again", progress, inputs=[image], backing_dirs=backing_dirs)
         finally:
             outgoing.close()
     wan = manifest_bytes + bundle_bytes + extra_bytes

@@ -28,8 +28,8 @@ from .common import (
 @rebuild_options("stream")
 @redis_option
 @json_option
-def command(stream: str, output: str, host: str | None, force: bool, output_format: str, ranges_out: str | None,
-            redis_url: str | None, as_json: bool) -> None:
+def command(stream: str, output: str, host: str | None, force: bool, backing_dirs: tuple[str, ...],
+            output_format: str, ranges_out: str | None, redis_url: str | None, as_json: bool) -> None:
     """Rebuild OUTPUT from STREAM (default: stdin), made by `blocksketch send` for this host.
 
     The manifest at the head of the stream names the blocks this host already has; they are read
@@ -66,7 +66,8 @@ def command(stream: str, output: str, host: str | None, force: bool, output_form
                                     output_format=output_format, ranges_file=ranges_out, progress=bar,
                                     local_formats=[source.image_format for source in local],
                                     local_identities=[source.identity for source in local],
-                                    inputs=[] if stream == "-" else [stream], phases=phases)
+                                    inputs=[] if stream == "-" else [stream], phases=phases,
+                                    backing_dirs=backing_dirs)
     except MissingBlocks as missing:
         if as_json:
             emit_json({"status": "missing", "ranges_file": missing.ranges_file, "blocks": int(missing.count.sum())})

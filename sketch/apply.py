@@ -158,7 +158,7 @@ def apply_manifest(manifest: Manifest, bundles: list[str | BundleReader], output
                    force: bool = False, output_format: str = "raw", ranges_file: str | None = None,
                    progress: Progress | None = None, local_formats: list[str | None] | None = None,
                    local_identities: list[FileIdentity] | None = None, inputs: list[str] | tuple[str, ...] = (),
-                   phases: Phases | None = None) -> ApplyResult:
+                   phases: Phases | None = None, backing_dirs: tuple[str, ...] = ()) -> ApplyResult:
     """Rebuild the manifest's image at ``output``; see the module docstring for the guarantees.
 
     ``bundles``: paths (``-`` for stdin) or readers already positioned at a bundle (a migration
@@ -168,6 +168,7 @@ def apply_manifest(manifest: Manifest, bundles: list[str | BundleReader], output
     ``output`` replaces an existing file only with ``force``, and never one of the command's own
     files: the bundles, the local images, ``inputs`` (the manifest's or stream's file).
     ``phases`` hears when the final checks start (the checksum's tail and the sync, a conversion).
+    ``backing_dirs``: where qcow2 local images' backing files may be besides their own directory.
     """
     if output_format not in OUTPUT_FORMATS:
         raise UsageError(f"unknown output format {output_format!r}; use one of {', '.join(OUTPUT_FORMATS)}")
@@ -203,10 +204,8 @@ def apply_manifest(manifest: Manifest, bundles: list[str | BundleReader], output
         fd = create_exclusive(temp)
         try:
             result = ApplyResult(output, manifest.size_bytes)
-            rebuild = _Rebuild(fd, manifest, readers, covered, local_paths, local_formats, progress,
-                               local_identities)
-            rebuild.phases = phases
-            checksum = rebuild.run(result)
+            checksum = _Rebuild(fd, manifest, readers, covered, local_paths, local_formats, progress,
+                                local_identities, phases, backing_dirs).run(result)
         finally:
             os.close(fd)
         for handle in handles:
@@ -265,7 +264,8 @@ class _Rebuild:
 
     def __init__(self, fd: int, manifest: Manifest, readers: list[BundleReader], covered: np.ndarray,
                  local_paths: list[str], local_formats: list[str | None], progress: Progress | None,
-                 local_identities: list[FileIdentity] | None = None):
+                 local_identities: list[FileIdentity] | None = None, phases: Phases | None = None,
+                 backing_dirs: tuple[str, ...] = ()):
         self.fd = fd
         self.manifest = manifest
         self.readers = readers
@@ -273,6 +273,8 @@ class _Rebuild:
         self.local_paths = local_paths
         self.local_formats = local_formats
         self.local_identities = local_identities or [None] * len(local_paths)
+        self.phases = phases
+        self.backing_dirs = backing_dirs
         self._progress = progress
         self._progress_lock = threading.Lock()
         self.block_size = manifest.block_size
@@ -296,7 +298,6 @@ class _Rebuild:
         self.overlap = len(readers) == 1 and not self.covered_count.any()
         self.segments = _SegmentHasher(fd, manifest, covered, incremental=self.overlap)
         self.cancel = threading.Event()
-        self.phases: Phases | None = None
 
     def run(self, result: ApplyResult) -> bytes:
         counts = {"bundle": 0, "local": 0, "dup": 0}
@@ -397,7 +398,7 @@ class _Rebuild:
             source = sources.get(image)
             if source is None:
                 source = sources[image] = _open_local(self.local_paths[image], self.local_formats[image],
-                                                      self.local_identities[image])
+                                                      self.local_identities[image], self.backing_dirs)
                 with opened_lock:
                     opened.append(source)
             return source
@@ -541,11 +542,12 @@ class _SegmentHasher:
             self._pool = None
 
 
-def _open_local(path: str, image_format: str | None, identity: FileIdentity | None) -> ImageSource:
+def _open_local(path: str, image_format: str | None, identity: FileIdentity | None,
+                backing_dirs: tuple[str, ...]) -> ImageSource:
     try:
         if identity is None:
-            return open_image(path, image_format, nofollow=True)
-        return open_indexed(path, image_format, identity, written_ok=True)
+            return open_image(path, image_format, nofollow=True, backing_dirs=backing_dirs)
+        return open_indexed(path, image_format, identity, written_ok=True, backing_dirs=backing_dirs)
     except ImageError as exc:
         raise ImageError(f"local image of the index cannot be read: {exc}") from None
 

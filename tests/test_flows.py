@@ -280,3 +280,26 @@ def test_images_and_hosts_show_a_thin_qcow2_file_beside_its_larger_disk(fleet):
     assert host["size_bytes"] == row["size_bytes"] and host["disk_bytes"] == DISK_BYTES
     table = cli("images", "--host", "thin", env=env).stdout.decode().splitlines()
     assert table[0].split()[2:4] == ["file", "disk"] and "8.0 MiB" in table[1]
+
+
+def test_a_destination_overlay_on_a_base_elsewhere_needs_the_same_backing_dir_at_apply(fleet, tmp_path):
+    """An operator who keeps bases apart indexes with --backing-dir; apply and receive take it too."""
+    bases, images = tmp_path / "bases", tmp_path / "images"
+    bases.mkdir()
+    images.mkdir()
+    qemu_img("convert", "-f", "raw", "-O", "qcow2", str(fleet.root / "half.raw"), str(bases / "base.qcow2"))
+    qemu_img("convert", "-f", "raw", "-O", "qcow2", "-B", str(bases / "base.qcow2"), "-F", "qcow2",
+             str(fleet.root / "template.raw"), str(images / "vm.qcow2"))
+    env = cli_env(fleet.redis_url, "split")
+    cli("index", str(images), "--host", "split", "--backing-dir", str(bases), "--block-size", str(BLOCK_SIZE),
+        env=env)
+    stream = tmp_path / "s"
+    cli("send", fleet.sources["raw"], "--to", "split", "-o", str(stream), env=cli_env(fleet.redis_url, "origin"))
+    with open(stream, "rb") as handle:
+        refused = cli("receive", "-o", str(tmp_path / "out"), env=env, stdin=handle, code=1)
+    line = refused.stderr.decode().strip()
+    assert line.startswith("blocksketch: error: local image of the index cannot be read") and "\n" not in line
+    assert not (tmp_path / "out").exists()
+    with open(stream, "rb") as handle:
+        cli("receive", "-o", str(tmp_path / "out"), "--backing-dir", str(bases), env=env, stdin=handle)
+    assert (tmp_path / "out").read_bytes() == fleet.expected
