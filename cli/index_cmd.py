@@ -11,7 +11,7 @@ from sketch.errors import ImageError
 from store import EmptyRoot, open_store, refresh_host
 
 from .common import (
-    Progress,
+    PhaseBar,
     backing_dir_option,
     block_size_option,
     emit_json,
@@ -73,24 +73,15 @@ def command(paths: tuple[str, ...], host: str, block_size: int | None, fp_rate: 
         if block_size is None:
             config = store.config()
             block_size = config.block_size if config else DEFAULT_BLOCK_SIZE
-        bars: list[Progress] = []
-
-        def on_plan(total: int) -> None:
-            bars.append(Progress(show_progress(as_json), total, f"index {host}"))
-
-        def progress(done: int) -> None:
-            if bars:
-                bars[0](done)
-
+        phases = PhaseBar(show_progress(as_json), prefix=f"index {host}: ")
         try:
-            report = refresh_host(store, host, list(paths), block_size, progress, on_plan=on_plan, fp_rate=fp_rate,
+            report = refresh_host(store, host, list(paths), block_size, phases=phases, fp_rate=fp_rate,
                                   lock_wait_s=lock_timeout, image_format=image_format, backing_dirs=backing_dirs,
                                   follow_symlinks=follow_symlinks, allow_empty=allow_empty)
         except EmptyRoot as exc:
             raise EmptyRoot(f"{exc} (pass --allow-empty if its images are really gone)") from None
         finally:
-            for bar in bars:
-                bar.close()
+            phases.close()
     for path, reason in report.skipped:
         if reason != NOT_AN_IMAGE:
             click.echo(f"blocksketch: warning: skipped {printable_path(path)}: {reason}", err=True)

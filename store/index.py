@@ -39,6 +39,7 @@ from sketch.blockmap import KEY_DTYPE, BlockMap, lexsort_keys
 from sketch.blocks import detect_format, walk_images
 from sketch.digests import DEFAULT_ALGORITHM, data_bytes, digest_image
 from sketch.errors import BlocksketchError, FormatError, ImageError, NotFound, StoreError
+from sketch.progress import Phases, Progress, start_phase
 
 from . import catalogue as catalogue_mod
 from . import keys
@@ -202,7 +203,7 @@ def host_union(block_maps: list[BlockMap]) -> tuple[np.ndarray, np.ndarray]:
 class _Refresh:
     """One refresh of one host; see the module docstring for the steps."""
 
-    def __init__(self, store: Store, host: str, block_size: int, progress, on_plan, fp_rate, lock_wait_s,
+    def __init__(self, store: Store, host: str, block_size: int, progress, phases, fp_rate, lock_wait_s,
                  image_format: str | None = None, backing_dirs: tuple[str, ...] = ()):
         self.backing_dirs = tuple(backing_dirs)
         self.store = store
@@ -212,7 +213,7 @@ class _Refresh:
         self.host = keys.check_host(host)
         self.block_size = block_size
         self.progress = progress
-        self.on_plan = on_plan
+        self.phases = phases
         self.fp_rate = fp_rate
         self.lock_wait_s = lock_wait_s
         self.report = RefreshReport(host, store.url, block_size)
@@ -235,6 +236,7 @@ class _Refresh:
                 generation = int(self.client.incr(keys.generation_counter(self.host)))
             try:
                 new = self._build(config, generation, old, scan.targets, scan.files)
+                start_phase(self.phases, "publish")
                 self._publish(old, new)
             except BaseException:
                 self._forget_pending()
@@ -283,14 +285,16 @@ class _Refresh:
                 self.report.reused += 1
             else:
                 to_read.append(found)
-        if self.on_plan:
-            self.on_plan(sum(self._data_bytes(f.path) for f in to_read))
+        progress = self.progress
+        if self.phases is not None:
+            shown = start_phase(self.phases, "digest", sum(self._data_bytes(f.path) for f in to_read))
+            progress = _both(self.progress, shown)
         fresh: dict[str, BlockMap] = {}
         for found in to_read:
             try:
                 image_format = self.image_format or detect_format(found.path)
                 digests = digest_image(found.path, self.block_size, config.algorithm, image_format=image_format,
-                                       progress=self.progress, backing_dirs=self.backing_dirs)
+                                       progress=progress, backing_dirs=self.backing_dirs)
             except ImageError as exc:
                 self.report.failed.append((found.path, str(exc)))
                 if found.path in old_images:
@@ -310,6 +314,7 @@ class _Refresh:
         if not changed and set(HOST_SKETCHES) <= set(old.sketches):
             sketches, distinct = old.sketches, old.distinct_blocks
         else:
+            start_phase(self.phases, "host sketches")
             sketches, distinct = self._write_host_sketches(config, generation, old, images, fresh)
             self.report.sketches_rebuilt = True
         self.report.distinct_blocks = distinct
@@ -439,13 +444,14 @@ class _Refresh:
 
 def refresh_host(store: Store, host: str, paths: list[str], block_size: int,
                  progress: Callable[[int], None] | None = None, *,
-                 on_plan: Callable[[int], None] | None = None, fp_rate: float | None = None,
+                 phases: Phases | None = None, fp_rate: float | None = None,
                  lock_wait_s: float = DEFAULT_WAIT_S, image_format: str | None = None,
                  backing_dirs: tuple[str, ...] = (), follow_symlinks: bool = False,
                  allow_empty: bool = False) -> RefreshReport:
     """Index the images under ``paths`` as ``host``'s (files or directories), then publish atomically.
 
-    ``progress(n)`` is called with bytes digested; ``on_plan(total)`` once with the bytes to read.
+    ``progress(n)`` is called with bytes digested; ``phases`` hears each step start (digest, with
+    the bytes to read; host sketches; publish).
     ``fp_rate`` sets the filters' false-positive rate of a new index (an existing one keeps its own).
     ``image_format`` ("raw" or "qcow2") reads every image as that format; None detects each by its
     magic. The format read is recorded in the image's entry, and an unchanged file whose recorded
@@ -454,8 +460,19 @@ def refresh_host(store: Store, host: str, paths: list[str], block_size: int,
     symlinks out of ``paths`` too; ``allow_empty``: a missing or empty root drops its entries
     instead of raising :class:`EmptyRoot`.
     """
-    return _Refresh(store, host, block_size, progress, on_plan, fp_rate, lock_wait_s, image_format,
+    return _Refresh(store, host, block_size, progress, phases, fp_rate, lock_wait_s, image_format,
                     backing_dirs).run(paths, follow_symlinks, allow_empty)
+
+
+def _both(first: Progress | None, second: Progress | None) -> Progress | None:
+    if first is None or second is None:
+        return first or second
+
+    def report(done: int) -> None:
+        first(done)
+        second(done)
+
+    return report
 
 
 @dataclass

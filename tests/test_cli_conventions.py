@@ -239,3 +239,15 @@ def test_send_and_receive_on_a_terminal_show_every_phase(indexed, tmp_path, redi
     for phase in ("receive", "verify the whole image"):
         assert phase in shown, shown
     assert (tmp_path / "out").read_bytes() == Path(indexed["source"]).read_bytes()
+
+
+def test_index_on_a_terminal_shows_digest_sketches_and_publish(tmp_path, redis_url):
+    images = tmp_path / "images"
+    images.mkdir()
+    rng = __import__("numpy").random.default_rng(2)
+    write_image(str(images / "a.img"), random_blocks(rng, 4000, 512))
+    env = {**os.environ, "BLOCKSKETCH_REDIS_URL": redis_url}
+    code, shown = _stderr_on_a_terminal(["index", str(images), "--host", "node-a"], env)
+    assert code == 0, shown
+    for phase in ("index node-a: digest", "index node-a: host sketches", "index node-a: publish"):
+        assert phase in shown, shown
