@@ -24,7 +24,9 @@ service = test_server.service  # the service as a real process on a loopback por
 
 
 def run(*args: str, redis_url: str | None = None, stdin: bytes | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "BLOCKSKETCH_REDIS_URL": redis_url} if redis_url else None
+    env = {**os.environ, "BLOCKSKETCH_REDIS_URL": redis_url} if redis_url else dict(os.environ)
+    if args[0] in ("apply", "receive"):
+        env["BLOCKSKETCH_HOST"] = HOST  # they run on the destination
     return subprocess.run([sys.executable, "-m", "cli", *args], capture_output=True, timeout=120, input=stdin,
                           env=env)
 
