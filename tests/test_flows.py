@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 
 from sketch.sample import random_blocks, write_image
-from tests.redis_server import free_port
+from tests.redis_server import RedisProcess, free_port
 
 BLOCK_SIZE = 512
 CLUSTER = 64 << 10  # qcow2's default cluster size
@@ -88,9 +88,15 @@ class Fleet:
 
 
 @pytest.fixture(scope="module")
-def fleet(tmp_path_factory, redis_node) -> Fleet:
-    import redis
+def flows_redis(tmp_path_factory):
+    """A Redis of this module's own: other tests flush the shared one between tests."""
+    server = RedisProcess(tmp_path_factory.mktemp("flows-redis")).start()
+    yield server
+    server.stop()
 
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory, flows_redis) -> Fleet:
     root = tmp_path_factory.mktemp("flows")
     rng = np.random.default_rng(12)
     template = template_bytes(rng)
@@ -117,15 +123,13 @@ def fleet(tmp_path_factory, redis_node) -> Fleet:
     thin = os.path.getsize(root / "thin" / "base.qcow2")
     assert thin < DISK_BYTES // 2, "the thin qcow2 must hold data beyond its file's length"
 
-    client = redis.Redis.from_url(redis_node.url)
-    client.flushall()
-    client.close()
-    env = cli_env(redis_node.url)
+    env = cli_env(flows_redis.url)
     for name in DESTINATIONS:
         cli("index", str(root / name), "--host", name, "--block-size", str(BLOCK_SIZE), env=env)
-    cli("index", str(root / "src"), "--host", "origin", "--block-size", str(BLOCK_SIZE), env=env)
-    return Fleet(root, {"raw": str(root / "src" / "vm.img"), "qcow2": str(root / "src" / "vm.qcow2")}, source,
-                 redis_node.url)
+    sources = {"raw": str(root / "src" / "vm.img"), "qcow2": str(root / "src" / "vm.qcow2")}
+    # Named one by one: a directory walk skips a raw file that is not whole sectors, as vm.img is.
+    cli("index", *sources.values(), "--host", "origin", "--block-size", str(BLOCK_SIZE), env=env)
+    return Fleet(root, sources, source, flows_redis.url)
 
 
 @pytest.fixture(scope="module")
