@@ -62,6 +62,11 @@ VALID_BLOCK_SIZES = tuple(1 << bits for bits in range(MIN_BLOCK_SIZE.bit_length(
 # decompresses: a small file never costs more than the image it claims can need.
 RUN_BODY_BYTES = 1 + 8 + 12 + 36
 BODY_SLACK_BYTES = 16 << 20
+# Past the slack, a body may also be at most this many times its compressed size. A claimed image of
+# a terabyte allows gigabytes of runs, and a few kilobytes of zstd can hold them if they repeat;
+# real manifests compress 10-50 times (a 4 GiB image's 102,049 runs: 81 KB), so only a body
+# bigger than 16 MiB that is also more regular than any image is refused by this.
+MAX_BODY_RATIO = 1024
 INFLATE_PIECE_BYTES = 1 << 20
 HEAD_BYTES = 4 << 10  # the leading fields (schema, version, size_bytes, block_size) fit in here
 
@@ -284,7 +289,7 @@ def _claimed_limit(body: bytes) -> int:
 def _inflate(body: bytes, what: str):
     """The msgpack document of a compressed body, decompressed piece by piece up to the bound its
     claimed image allows (:func:`body_limit`); memory follows what was actually decompressed."""
-    limit = _claimed_limit(body)
+    limit = min(_claimed_limit(body), max(BODY_SLACK_BYTES, MAX_BODY_RATIO * len(body)))
     unpacker = msgpack.Unpacker(raw=False, strict_map_key=True, max_buffer_size=limit)
     inflated = 0
     try:
@@ -301,8 +306,8 @@ def _inflate(body: bytes, what: str):
                 raise FormatError(f"{what} is corrupt (its body ends inside its document)")
             inflated += len(piece)
             if inflated > limit:
-                raise FormatError(f"{what} is corrupt (its body decompresses to more than the {limit} bytes "
-                                  "a manifest of its image can need)")
+                raise FormatError(f"{what} is corrupt (its body decompresses to more than {limit} bytes, the most "
+                                  f"a manifest of its image can need or {MAX_BODY_RATIO} times its compressed size)")
             unpacker.feed(piece)
         if unpacker.tell() != inflated or reader.read(1):
             raise FormatError(f"{what} is corrupt (stray data after its document)")
