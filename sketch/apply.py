@@ -48,7 +48,7 @@ from .manifest import DUP, LOCAL, SEND, ZERO, Manifest
 from .output import check_output, create_exclusive
 from .pids import pid_alive
 from .progress import Phases, start_phase
-from .ranges import mask_ranges, merge_ranges, ranges_mask, write_ranges_file
+from .ranges import blocks_below, clip_ranges, first_uncovered, merge_ranges, write_ranges_file
 
 PARTIAL_TAG = ".blocksketch-partial-"
 LOCAL_COPY_THREADS = 2
@@ -241,19 +241,23 @@ def apply_manifest(manifest: Manifest, bundles: list[str | BundleReader], output
                 pass
 
 
-def _check_coverage(manifest: Manifest, readers) -> np.ndarray:
-    """Blocks the bundles cover; every SEND block must be among them."""
-    total = manifest.total_blocks
+def _check_coverage(manifest: Manifest, readers) -> tuple[np.ndarray, np.ndarray]:
+    """The merged block ranges the bundles cover; every SEND block must be among them.
+
+    Interval arithmetic on the runs and ranges present: a manifest claiming a huge image costs no
+    more than one describing a small one.
+    """
     if readers:
         start = np.concatenate([r.start for r in readers])
         count = np.concatenate([r.count for r in readers])
     else:
         start = count = np.zeros(0, np.int64)
-    covered = ranges_mask(total, *merge_ranges(start, count))
-    send = ranges_mask(total, *manifest.runs_of(SEND))
-    lacking = send & ~covered
+    covered = merge_ranges(start, count)
+    send_start, send_length = (a.astype(np.int64) for a in manifest.runs_of(SEND))
+    lacking = send_length - (blocks_below(*covered, send_start + send_length) - blocks_below(*covered, send_start))
     if lacking.any():
-        first = int(np.argmax(lacking))
+        run = int(np.flatnonzero(lacking)[0])
+        first = first_uncovered(*covered, int(send_start[run]))
         raise UsageError(f"the bundles lack {int(lacking.sum())} of the blocks the source must send (first at "
                          f"block {first}); pass the bundle made by `blocksketch pack IMAGE MANIFEST`")
     return covered
@@ -262,7 +266,7 @@ def _check_coverage(manifest: Manifest, readers) -> np.ndarray:
 class _Rebuild:
     """Writes every block of the image into ``fd`` and returns its whole-image checksum."""
 
-    def __init__(self, fd: int, manifest: Manifest, readers: list[BundleReader], covered: np.ndarray,
+    def __init__(self, fd: int, manifest: Manifest, readers: list[BundleReader], covered: tuple[np.ndarray, np.ndarray],
                  local_paths: list[str], local_formats: list[str | None], progress: Progress | None,
                  local_identities: list[FileIdentity] | None = None, phases: Phases | None = None,
                  backing_dirs: tuple[str, ...] = ()):
@@ -280,8 +284,7 @@ class _Rebuild:
         self.block_size = manifest.block_size
         start, length = (a.astype(np.int64) for a in manifest.runs_of(LOCAL))
         self.local_start, self.local_length = start, length
-        covered_before = np.concatenate(([0], np.cumsum(covered, dtype=np.int64)))
-        self.covered_count = covered_before[start + length] - covered_before[start]
+        self.covered_count = blocks_below(*covered, start + length) - blocks_below(*covered, start)
         self.group_end = np.cumsum(manifest.group_runs.astype(np.int64))
         self.group_begin = self.group_end - manifest.group_runs.astype(np.int64)
         needed = (self.covered_count < length).astype(np.int64)
@@ -448,7 +451,8 @@ class _Rebuild:
             source_of(int(manifest.local_image[run])).read_into(int(manifest.local_block[run]) * block_size, view)
             if self.covered_count[run]:
                 # Part of the run came in a bundle: verify the run as it will be written.
-                for a, n in zip(*mask_ranges(self.covered[first : first + count])):
+                for a, n in zip(*(x.tolist() for x in clip_ranges(*self.covered, first, first + count))):
+                    a -= first
                     got = os.preadv(self.fd, [view[a * block_size : (a + n) * block_size]], (first + a) * block_size)
                     if got != n * block_size:
                         raise ImageError("cannot re-read the partial output")
@@ -477,7 +481,7 @@ class _SegmentHasher:
     Segments that no run and no bundle writes to are holes: their leaf is known without a read.
     """
 
-    def __init__(self, fd: int, manifest: Manifest, covered: np.ndarray, incremental: bool):
+    def __init__(self, fd: int, manifest: Manifest, covered: tuple[np.ndarray, np.ndarray], incremental: bool):
         self.fd = fd
         self.size_bytes = manifest.size_bytes
         self.algorithm = manifest.checksum_algorithm
@@ -487,7 +491,7 @@ class _SegmentHasher:
         data_runs = manifest.run_kind != ZERO
         has_data[segments_touched(self.size_bytes, manifest.run_start[data_runs].astype(np.int64),
                                   manifest.run_length[data_runs].astype(np.int64), manifest.block_size)] = True
-        has_data[segments_touched(self.size_bytes, *mask_ranges(covered), manifest.block_size)] = True
+        has_data[segments_touched(self.size_bytes, *covered, manifest.block_size)] = True
         self.has_data = has_data.tolist()
         self.total_blocks = manifest.total_blocks
         self._positions = {"local": 0, "bundle": 0}
@@ -505,7 +509,9 @@ class _SegmentHasher:
             frontier = min(self._positions.values())
             ready = self.count if frontier >= self.total_blocks else frontier // self.blocks_per_segment
             while self._next < ready:
-                self._leaves[self._next] = self._pool.submit(self._leaf, self._next)
+                # A hole's leaf is known: no task per hole, or a huge sparse image costs a task per 4 MiB.
+                self._leaves[self._next] = (self._pool.submit(self._leaf, self._next) if self.has_data[self._next]
+                                            else self._leaf(self._next))
                 self._next += 1
 
     def _leaf(self, k: int) -> bytes:
@@ -529,6 +535,9 @@ class _SegmentHasher:
 
     def finish(self) -> bytes:
         """The checksum, once every block is written and the file has its final size."""
+        for k in range(self._next, self.count):
+            if not self.has_data[k]:
+                self._leaves[k] = self._leaf(k)
         remaining = [k for k in range(self.count) if self._leaves[k] is None]
         with ThreadPoolExecutor(max_workers=2) as pool:
             for k, value in zip(remaining, pool.map(self._leaf, remaining)):

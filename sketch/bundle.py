@@ -51,6 +51,11 @@ SCHEMA = "blocksketch.bundle"
 FRAME_BYTES = 4 << 20
 MAX_FRAME_BYTES = 64 << 20
 MAX_HEADER_BYTES = 1 << 30
+READ_PIECE_BYTES = 1 << 20
+# The zstd reader takes a frame's compressed bytes in pieces this small, so bytes a frame holds
+# past its declared output stay visible here (at most a piece hides in the reader's buffer).
+INPUT_PIECE_BYTES = 16 << 10
+MAX_FRAME_SLACK = 16
 DEFAULT_LEVEL = 3
 # Long-distance matching over a 128 MiB window: SEND blocks are distinct but often near-duplicates
 # far apart (files that differ in a few bytes); on a real Debian image this made bundles ~5%
@@ -393,6 +398,61 @@ def adapted_level(level: int, compress_s: float, period_s: float) -> int:
     return max([level, *(c for c, cost in ADAPT_COSTS.items() if cost <= budget)])
 
 
+class _FrameInput:
+    """The compressed bytes of the frames, handed to one zstd reader as they arrive.
+
+    The zstd stream runs through every frame, so one decompression context must see them all; the
+    reader pulls a frame's bytes from here only while it still owes that frame output.
+    """
+
+    def __init__(self):
+        self._data = memoryview(b"")
+
+    def add(self, packed: bytes) -> None:
+        self._data = memoryview(bytes(self._data) + packed) if len(self._data) else memoryview(packed)
+
+    @property
+    def left(self) -> int:
+        return len(self._data)
+
+    def read(self, size: int = -1) -> bytes:
+        size = len(self._data) if size < 0 else size
+        part, self._data = self._data[:size], self._data[size:]
+        return bytes(part)
+
+
+def _read_full(reader, size: int) -> bytes:
+    """``size`` bytes from a zstd reader, fewer only if its input ends."""
+    parts = []
+    got = 0
+    while got < size:
+        part = reader.read(size - got)
+        if not part:
+            break
+        parts.append(part)
+        got += len(part)
+    return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
+def read_claimed(handle: BinaryIO, size: int) -> bytes:
+    """Read ``size`` bytes that a header claims follow (fewer if the input ends first).
+
+    In pieces that grow with what has arrived: ``handle.read(size)`` would allocate the whole
+    claimed size up front, so a few bytes claiming a gigabyte would cost that gigabyte.
+    """
+    if size <= READ_PIECE_BYTES:
+        return handle.read(size)
+    parts = []
+    got = 0
+    while got < size:
+        part = handle.read(min(size - got, max(READ_PIECE_BYTES, got)))
+        if not part:
+            break
+        parts.append(part)
+        got += len(part)
+    return b"".join(parts)
+
+
 class BundleReader:
     """Reads a bundle sequentially (a pipe is fine) and yields its blocks with their positions."""
 
@@ -432,11 +492,13 @@ class BundleReader:
             raw = header.get("ranges")
             if not isinstance(raw, bytes) or len(raw) % 16:
                 raise FormatError(f"{what} is corrupt (ranges)")
-            pairs = np.frombuffer(raw, dtype="<u8").reshape(-1, 2).astype(np.int64)
-            self.start, self.count = pairs[:, 0].copy(), pairs[:, 1].copy()
-            if (self.count <= 0).any() or (self.start < 0).any() \
-                    or (self.start + self.count > manifest.total_blocks).any() \
-                    or (len(self.start) > 1 and (self.start[1:] < self.start[:-1] + self.count[:-1]).any()):
+            pairs = np.frombuffer(raw, dtype="<u8").reshape(-1, 2)
+            total = np.uint64(manifest.total_blocks)
+            # In uint64 and in this order, so no sum can wrap before its operands are known small.
+            if (pairs[:, 1] == 0).any() or (pairs[:, 0] >= total).any() or (pairs[:, 1] > total - pairs[:, 0]).any():
+                raise FormatError(f"{what} is corrupt (ranges)")
+            self.start, self.count = pairs[:, 0].astype(np.int64), pairs[:, 1].astype(np.int64)
+            if len(self.start) > 1 and (self.start[1:] < self.start[:-1] + self.count[:-1]).any():
                 raise FormatError(f"{what} is corrupt (ranges)")
         else:
             raise FormatError(f"{what} has unknown contents {self.contents!r}")
@@ -446,7 +508,7 @@ class BundleReader:
         self._chain = hashlib.sha256(header_sum)
 
     def _read(self, size: int, part: str) -> bytes:
-        data = self._handle.read(size)
+        data = read_claimed(self._handle, size)
         if len(data) != size:
             raise FormatError(f"{self.what} is truncated (in its {part})")
         return data
@@ -454,8 +516,11 @@ class BundleReader:
     def frames(self) -> Iterator[bytes]:
         """The raw bytes of every frame, each verified; ends after checking the trailer."""
         block_size = self._manifest.block_size
-        decompressor = zstandard.ZstdDecompressor(max_window_size=1 << WINDOW_LOG).decompressobj(
-            read_across_frames=True)
+        # Each frame is decompressed into at most the length it declares (a read of that size):
+        # a frame that would expand without limit costs its declared length, never its expansion.
+        packed_input = _FrameInput()
+        decompressor = zstandard.ZstdDecompressor(max_window_size=1 << WINDOW_LOG).stream_reader(
+            packed_input, read_size=INPUT_PIECE_BYTES, read_across_frames=True)
         frames = 0
         raw_total = 0
         expected = self.blocks * block_size
@@ -472,12 +537,16 @@ class BundleReader:
             if hashlib.sha256(packed).digest()[:16] != check:
                 raise FormatError(f"{self.what} is corrupt (frame {frames} checksum mismatch)")
             self._chain.update(check)
+            packed_input.add(packed)
             try:
-                raw = decompressor.decompress(packed)
+                raw = _read_full(decompressor, raw_length)
             except zstandard.ZstdError as exc:
                 raise FormatError(f"{self.what} is corrupt (frame {frames}: {exc})") from None
-            if len(raw) != raw_length:
-                raise FormatError(f"{self.what} is corrupt (frame {frames} decompressed to the wrong size)")
+            # A frame's bytes all go into its own output; what a writer leaves unread is at most the
+            # 4-byte checksum ending a zstd frame. More is data hidden past the declared length.
+            if len(raw) != raw_length or packed_input.left > MAX_FRAME_SLACK:
+                raise FormatError(f"{self.what} is corrupt (frame {frames} does not decompress to the "
+                                  f"{raw_length} bytes it declares)")
             frames += 1
             raw_total += raw_length
             yield raw

@@ -30,7 +30,7 @@ import msgpack
 import numpy as np
 import zstandard
 
-from .blocks import MAX_BLOCK_SIZE, block_count, check_block_size
+from .blocks import MAX_BLOCK_SIZE, MIN_BLOCK_SIZE, block_count, check_block_size
 from .digests import ALGORITHMS
 from .errors import FormatError, UsageError
 from .imagesum import CHECKSUM_ALGORITHM, CHECKSUM_ALGORITHMS, STRONG_HASH
@@ -50,6 +50,25 @@ GROUP_HASH_SIZE = 32
 # The body is small next to the bundle, so spend time compressing it.
 BODY_ZSTD_LEVEL = 19
 MAX_BODY_BYTES = 4 << 30
+# 1 EiB: far above any disk image, and low enough that every block number and count of every run
+# fits in int64 and is exact as a float64, so numpy arithmetic on checked fields cannot wrap.
+MAX_IMAGE_BYTES = 1 << 60
+MAX_BLOCKS = MAX_IMAGE_BYTES // MIN_BLOCK_SIZE
+VALID_BLOCK_SIZES = tuple(1 << bits for bits in range(MIN_BLOCK_SIZE.bit_length() - 1, MAX_BLOCK_SIZE.bit_length()))
+# A decompressed body holds at most this much per block of the image it describes: one run per
+# block at worst, each with its kind (1 byte), length (8), a LOCAL run's image and delta (12) and
+# a verification group of its own (36), or a DUP run's delta (8). The strings, the image list and
+# msgpack's framing fit in BODY_SLACK_BYTES. A body that decompresses past that is refused as it
+# decompresses: a small file never costs more than the image it claims can need.
+RUN_BODY_BYTES = 1 + 8 + 12 + 36
+BODY_SLACK_BYTES = 16 << 20
+# Past the slack, a body may also be at most this many times its compressed size. A claimed image of
+# a terabyte allows gigabytes of runs, and a few kilobytes of zstd can hold them if they repeat;
+# real manifests compress 10-50 times (a 4 GiB image's 102,049 runs: 81 KB), so only a body
+# bigger than 16 MiB that is also more regular than any image is refused by this.
+MAX_BODY_RATIO = 1024
+INFLATE_PIECE_BYTES = 1 << 20
+HEAD_BYTES = 4 << 10  # the leading fields (schema, version, size_bytes, block_size) fit in here
 
 
 @dataclass(frozen=True)
@@ -212,12 +231,7 @@ class Manifest:
             raise FormatError(f"{what} has {len(body) - length} stray bytes after its end")
         if hashlib.sha256(body).digest() != digest:
             raise FormatError(f"{what} is corrupt (checksum mismatch)")
-        try:
-            raw = zstandard.ZstdDecompressor().decompress(body, max_output_size=MAX_BODY_BYTES)
-            doc = msgpack.unpackb(raw, raw=False, strict_map_key=True)
-        except Exception as exc:  # zstd and msgpack raise several unrelated classes
-            raise FormatError(f"{what} is corrupt ({type(exc).__name__})") from None
-        manifest = _decode(doc, what)
+        manifest = _decode(_inflate(body, what), what)
         manifest._id = digest
         return manifest
 
@@ -235,6 +249,65 @@ class Manifest:
         except OSError as exc:
             raise UsageError(f"cannot read manifest {path}: {exc.strerror}") from None
         return cls.from_bytes(data, f"manifest {path}")
+
+
+def body_limit(size_bytes: int, block_size: int) -> int:
+    """The most bytes the decompressed body of a manifest of this image can honestly need."""
+    return min(MAX_BODY_BYTES, BODY_SLACK_BYTES + RUN_BODY_BYTES * block_count(size_bytes, block_size))
+
+
+def _claimed_limit(body: bytes) -> int:
+    """:func:`body_limit` for the size and block size the body's leading fields claim, or the
+    slack alone if they are not where a writer puts them (then only a tiny body can pass)."""
+    try:
+        head = zstandard.ZstdDecompressor().stream_reader(body).read(HEAD_BYTES)
+        unpacker = msgpack.Unpacker(raw=False, strict_map_key=True)
+        unpacker.feed(head)
+        fields: dict = {}
+        for _ in range(unpacker.read_map_header()):
+            key = unpacker.unpack()
+            fields[key] = unpacker.unpack()
+            if "size_bytes" in fields and "block_size" in fields:
+                break
+    except Exception:  # zstd and msgpack raise several unrelated classes; _inflate names the damage
+        return BODY_SLACK_BYTES
+    size_bytes, block_size = fields.get("size_bytes"), fields.get("block_size")
+    if not all(isinstance(x, int) and not isinstance(x, bool) for x in (size_bytes, block_size)) \
+            or not 0 < size_bytes <= MAX_IMAGE_BYTES or block_size not in VALID_BLOCK_SIZES:
+        return BODY_SLACK_BYTES
+    return body_limit(size_bytes, block_size)
+
+
+def _inflate(body: bytes, what: str):
+    """The msgpack document of a compressed body, decompressed piece by piece up to the bound its
+    claimed image allows (:func:`body_limit`); memory follows what was actually decompressed."""
+    limit = min(_claimed_limit(body), max(BODY_SLACK_BYTES, MAX_BODY_RATIO * len(body)))
+    unpacker = msgpack.Unpacker(raw=False, strict_map_key=True, max_buffer_size=limit)
+    inflated = 0
+    try:
+        reader = zstandard.ZstdDecompressor().stream_reader(body)
+        while True:
+            try:
+                doc = unpacker.unpack()
+                break
+            except msgpack.OutOfData:
+                pass
+            # Pieces grow with what arrived, so a large body is not parsed in a million steps.
+            piece = reader.read(min(max(INFLATE_PIECE_BYTES, inflated), limit + 1 - inflated))
+            if not piece:
+                raise FormatError(f"{what} is corrupt (its body ends inside its document)")
+            inflated += len(piece)
+            if inflated > limit:
+                raise FormatError(f"{what} is corrupt (its body decompresses to more than {limit} bytes, the most "
+                                  f"a manifest of its image can need or {MAX_BODY_RATIO} times its compressed size)")
+            unpacker.feed(piece)
+        if unpacker.tell() != inflated or reader.read(1):
+            raise FormatError(f"{what} is corrupt (stray data after its document)")
+    except FormatError:
+        raise
+    except Exception as exc:  # zstd and msgpack raise several unrelated classes
+        raise FormatError(f"{what} is corrupt ({type(exc).__name__})") from None
+    return doc
 
 
 def _pack(array: np.ndarray, dtype: str) -> bytes:
@@ -267,7 +340,7 @@ def _decode(doc, what: str) -> Manifest:
     size_bytes = _field(doc, "size_bytes", int, what)
     block_size = _field(doc, "block_size", int, what)
     algorithm = _field(doc, "algorithm", str, what)
-    if size_bytes <= 0 or block_size > MAX_BLOCK_SIZE:
+    if not 0 < size_bytes <= MAX_IMAGE_BYTES or block_size > MAX_BLOCK_SIZE:
         raise FormatError(f"{what} is corrupt (bad size)")
     try:
         check_block_size(block_size)
@@ -310,10 +383,15 @@ def _decode(doc, what: str) -> Manifest:
     source_path = doc.get("source_path") if isinstance(doc.get("source_path"), str) else ""
 
     # Structure: the runs tile the image exactly and every reference points somewhere valid.
+    # Every bound is checked before the numpy arithmetic it protects, so nothing wraps: each length
+    # is at most the image's blocks (< 2**51), and the float sum rules out a uint64 overflow.
     total = block_count(size_bytes, block_size)
-    if (kind > DUP).any() or (length == 0).any() or int(length.sum(dtype=np.uint64)) != total \
-            or len(length) > total:
+    if (kind > DUP).any() or len(length) > total or (length == 0).any() or (length > np.uint64(total)).any() \
+            or float(length.sum(dtype=np.float64)) > 2.0 * total or int(length.sum(dtype=np.uint64)) != total:
         raise FormatError(f"{what} is corrupt (runs do not cover the image)")
+    if any(not 0 <= image.size_bytes <= MAX_IMAGE_BYTES for image in images) \
+            or (local_delta > MAX_BLOCKS).any() or (local_delta < -MAX_BLOCKS).any():
+        raise FormatError(f"{what} is corrupt (bad local run)")
     manifest = Manifest(size_bytes, block_size, algorithm, host, checksum["digest"], images, kind, length,
                         local_image, np.zeros(0, np.uint64), group_runs, np.ascontiguousarray(group_hash),
                         np.zeros(0, np.uint64), source_path, checksum_algorithm=checksum["algorithm"],

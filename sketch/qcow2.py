@@ -209,6 +209,56 @@ class TableCache:
             self.bytes -= old.nbytes
 
 
+class _Allocation:
+    """What one walk over an image's mapping met, against what its file can hold.
+
+    In an image QEMU wrote, every L1 entry has an L2 table of its own, every data cluster of the
+    active tables its own host cluster, and every compressed cluster its own bytes. A file whose
+    tables map one host cluster (or one L2 table, or one compressed cluster) over and over claims
+    far more guest data than it holds: 256 KiB could stand for 16 GiB to hash. Such tables are
+    refused before any of that work, with memory for at most one offset per compressed cluster
+    (8 bytes, as its L2 entry takes in the file).
+    """
+
+    def __init__(self, image: Qcow2Image):
+        self._image = image
+        self._tables: dict[int, int] = {}
+        self._data_units = 0
+        self._data_limit = -(-image.file_size >> image._unit_bits)
+        self._compressed: list[np.ndarray] = []
+        self._last_cluster = -1  # guest cluster whose compressed entry was recorded last
+
+    def add_piece(self, l1_index: int, l2_offset: int, unit: int, kinds: np.ndarray, hosts: np.ndarray) -> None:
+        """One classified piece of the L2 table at ``l2_offset``, starting at mapping unit ``unit``."""
+        other = self._tables.setdefault(l2_offset, l1_index)
+        if other != l1_index:
+            raise self._image._fail(f"L1 entries {other} and {l1_index} share the L2 table at offset {l2_offset} "
+                                    "(corrupt tables)")
+        self.add_data(int(np.count_nonzero(kinds == DATA)))
+        at = np.flatnonzero(kinds == COMPRESSED)
+        if len(at):
+            # One entry per guest cluster, however many subcluster units it spans (or pieces it straddles).
+            clusters = (unit + at) // self._image._units_per_cluster
+            first = np.ones(len(at), dtype=bool)
+            first[1:] = clusters[1:] != clusters[:-1]
+            first &= clusters > self._last_cluster
+            self._last_cluster = max(self._last_cluster, int(clusters[-1]))
+            self._compressed.append(hosts[at[first]] & np.uint64((1 << self._image._csize_shift) - 1))
+
+    def add_data(self, units: int) -> None:
+        self._data_units += units
+        if self._data_units > self._data_limit:
+            raise self._image._fail(f"its tables map more data clusters than the {self._image.file_size}-byte "
+                                    "file holds (host clusters used repeatedly: corrupt tables)")
+
+    def finish(self) -> None:
+        offsets = np.sort(np.concatenate(self._compressed)) if self._compressed else np.zeros(0, np.uint64)
+        if len(offsets) > 1 and (offsets[1:] == offsets[:-1]).any():
+            repeated = int(offsets[1:][offsets[1:] == offsets[:-1]][0])
+            raise self._image._fail(f"the compressed cluster at host offset {repeated} is mapped more than once "
+                                    "(corrupt tables)")
+
+
 class Qcow2Image:
     """A qcow2 image as an :class:`~sketch.blocks.ImageSource`: guest-visible bytes and data extents.
 
@@ -443,7 +493,8 @@ class Qcow2Image:
             self._cache.put(key, table)
         return table
 
-    def _pieces(self, first: int, stop: int) -> Iterator[tuple[int, int, int | np.ndarray, np.ndarray | None]]:
+    def _pieces(self, first: int, stop: int, allocation: _Allocation | None = None,
+                ) -> Iterator[tuple[int, int, int | np.ndarray, np.ndarray | None]]:
         """Classify mapping units ``[first, stop)``: yield ``(unit, end, kinds, hosts)`` in order.
 
         ``kinds`` is one kind for the whole piece (then ``hosts`` is None) or a uint8 array; ``hosts``
@@ -461,6 +512,8 @@ class Qcow2Image:
             else:
                 end = min(stop, table_end, unit + MAX_PIECE_UNITS)
                 kinds, hosts = self._classify(self._l2_table(l2_offset), within, within + end - unit)
+                if allocation is not None:
+                    allocation.add_piece(l1_index, l2_offset, unit, kinds, hosts)
                 yield unit, end, kinds, hosts
             unit = end
 
@@ -526,8 +579,9 @@ class Qcow2Image:
                                           hosts[starts].tolist()):
             yield unit0 + start, unit0 + end, kind, host
 
-    def _runs_of(self, first: int, stop: int) -> Iterator[tuple[int, int, int, int]]:
-        for unit, end, kinds, hosts in self._pieces(first, stop):
+    def _runs_of(self, first: int, stop: int,
+                 allocation: _Allocation | None = None) -> Iterator[tuple[int, int, int, int]]:
+        for unit, end, kinds, hosts in self._pieces(first, stop, allocation):
             if hosts is None:
                 yield unit, end, int(kinds), 0
             else:
@@ -554,8 +608,12 @@ class Qcow2Image:
             yield current[0], current[1] - current[0]
 
     def _extent_parts(self, start: int, stop: int, bits: int) -> Iterator[tuple[int, int]]:
-        """``(start, stop)`` byte ranges that may hold data, in order, not yet merged."""
-        for unit, end, kind, host in self._runs_of(start >> bits, -(-stop >> bits)):
+        """``(start, stop)`` byte ranges that may hold data, in order, not yet merged.
+
+        Checks on the way that the mapping claims no more than the file holds (:class:`_Allocation`),
+        so every consumer of the extents (digests, checksums) works in proportion to the file."""
+        allocation = _Allocation(self)
+        for unit, end, kind, host in self._runs_of(start >> bits, -(-stop >> bits), allocation):
             run_start = unit << bits
             a, b = max(start, run_start), min(stop, end << bits)
             if kind == DATA:
@@ -565,6 +623,7 @@ class Qcow2Image:
             elif kind == UNALLOCATED and self.backing is not None:
                 for offset, length in self.backing.data_extents(a, b):
                     yield offset, offset + length
+        allocation.finish()
 
     def _unholed(self, host: int, start: int, stop: int) -> Iterator[tuple[int, int]]:
         """Parts of guest range ``[start, stop)``, stored contiguously from ``host`` on, that are not

@@ -46,8 +46,44 @@ def merge_ranges(start: np.ndarray, count: np.ndarray) -> tuple[np.ndarray, np.n
     return merged_start, merged_end - merged_start
 
 
+def blocks_below(start: np.ndarray, count: np.ndarray, points) -> np.ndarray:
+    """For each of ``points``, how many blocks of the merged ranges ``(start, count)`` lie below it.
+
+    Work and memory follow the ranges and the points, never the size of the image they are in.
+    """
+    start = np.asarray(start, dtype=np.int64)
+    end = start + np.asarray(count, dtype=np.int64)
+    points = np.asarray(points, dtype=np.int64)
+    before = np.concatenate(([0], np.cumsum(end - start)))  # blocks in the first k ranges
+    k = np.searchsorted(start, points, side="left")  # ranges starting below each point
+    over = np.where(k > 0, np.maximum(end[np.maximum(k - 1, 0)] - points, 0) if len(end) else 0, 0)
+    return before[k] - over
+
+
+def clip_ranges(start: np.ndarray, count: np.ndarray, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
+    """The parts of the merged ranges ``(start, count)`` inside blocks ``[lo, hi)``, as ``(start, count)``."""
+    start = np.asarray(start, dtype=np.int64)
+    end = start + np.asarray(count, dtype=np.int64)
+    first = np.searchsorted(end, lo, side="right")
+    last = np.searchsorted(start, hi, side="left")
+    a = np.maximum(start[first:last], lo)
+    return a, np.minimum(end[first:last], hi) - a
+
+
+def first_uncovered(start: np.ndarray, count: np.ndarray, block: int) -> int:
+    """The first block at or after ``block`` outside the merged ranges ``(start, count)``."""
+    at = int(np.searchsorted(start, block, side="right")) - 1
+    if at >= 0 and block < int(start[at] + count[at]):
+        return int(start[at] + count[at])
+    return block
+
+
 def ranges_mask(total_blocks: int, start: np.ndarray, count: np.ndarray) -> np.ndarray:
-    """A boolean mask of ``total_blocks`` marking the blocks inside the ranges."""
+    """A boolean mask of ``total_blocks`` marking the blocks inside the ranges.
+
+    Costs memory for every block of the image: only for an image already read, never for a size
+    a manifest or a bundle merely claims (:func:`blocks_below` and :func:`clip_ranges` are for those).
+    """
     delta = np.zeros(total_blocks + 1, dtype=np.int64)
     np.add.at(delta, np.asarray(start, dtype=np.int64), 1)
     np.add.at(delta, np.asarray(start, dtype=np.int64) + np.asarray(count, dtype=np.int64), -1)
@@ -92,8 +128,8 @@ def read_ranges_file(path: str, manifest_id: bytes, total_blocks: int) -> tuple[
             isinstance(p, list) and len(p) == 2 and all(isinstance(x, int) and not isinstance(x, bool) for x in p)
             for p in pairs):
         raise FormatError(f"ranges file {path} is corrupt (bad ranges)")
-    array = np.array(pairs, dtype=np.int64).reshape(-1, 2)
-    start, count = array[:, 0], array[:, 1]
-    if (start < 0).any() or (count <= 0).any() or (start + count > total_blocks).any():
+    # Checked as Python integers: JSON numbers have no size limit, and int64 arithmetic would wrap.
+    if not all(0 <= s and 0 < c and s + c <= total_blocks for s, c in pairs):
         raise FormatError(f"ranges file {path} names blocks outside the image")
-    return merge_ranges(start, count)
+    array = np.array(pairs, dtype=np.int64).reshape(-1, 2)
+    return merge_ranges(array[:, 0], array[:, 1])

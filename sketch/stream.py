@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import BinaryIO
 
 from .blocks import ImageSource
-from .bundle import ADAPT_START_LEVEL, BundleInfo, BundleReader, write_bundle
+from .bundle import ADAPT_START_LEVEL, BundleInfo, BundleReader, read_claimed, write_bundle
 from .errors import FormatError, ImageError
 from .manifest import MAX_BODY_BYTES, Manifest
 
@@ -96,7 +96,7 @@ def read_stream_manifest(handle: BinaryIO, what: str = "stream") -> Manifest:
         raise FormatError(f"{what} has unknown version {version} (this blocksketch reads {VERSION})")
     if reserved != 0 or length > MAX_BODY_BYTES:
         raise FormatError(f"{what} is corrupt (header)")
-    body = handle.read(length)
+    body = read_claimed(handle, length)
     if len(body) != length:
         raise FormatError(f"{what} is truncated (in its manifest)")
     return Manifest.from_bytes(body, f"the manifest of {what}")

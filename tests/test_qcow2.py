@@ -7,6 +7,7 @@ skip with that reason (and fail under CI). Broken and unsupported images are mad
 from __future__ import annotations
 
 import os
+import shutil
 import struct
 import subprocess
 import time
@@ -584,3 +585,115 @@ def test_unsupported_backing_file_is_refused(tmp_path, name, fmt, message):
     run("qemu-img", "rebase", "-u", "-b", name, "-F", fmt, top)
     with pytest.raises(ImageError, match=message):
         Qcow2Image(top)
+
+
+# --- hostile tables (issue 13): work follows the clusters the file holds, not what its tables repeat ---------
+
+def repeat_first_cluster(path: str, l1_entries: int | None = None) -> int:
+    """Point every L2 entry of the first table at its first host cluster, and every L1 entry (of the
+    first ``l1_entries``) at that table; return the host offset every guest cluster now reads."""
+    l1, l2 = first_l2(path)
+    entry = header_field(path, l2, ">Q")
+    cluster_size = 1 << header_field(path, 20, ">I")
+    patch(path, l2, f">{cluster_size // 8}Q", *[entry] * (cluster_size // 8))
+    if l1_entries:
+        patch(path, l1, f">{l1_entries}Q", *[header_field(path, l1, ">Q")] * l1_entries)
+    return entry & OFFSET_MASK
+
+
+def bounded_cli(*args: str, timeout: float = 30) -> subprocess.CompletedProcess:
+    """The CLI in a child limited to 512 MiB of address space."""
+    import resource
+    import sys
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (512 << 20, 512 << 20))
+
+    return subprocess.run([sys.executable, "-m", "cli", *args], capture_output=True, text=True, timeout=timeout,
+                          preexec_fn=limit, env={**os.environ, "MALLOC_ARENA_MAX": "2"})
+
+
+def test_a_small_qcow2_mapping_one_host_cluster_over_16_gib_is_refused_before_hashing(tmp_path):
+    path = str(tmp_path / "repeat.qcow2")
+    run("qemu-img", "create", "-f", "qcow2", path, "16G")
+    qemu_io(path, "write -P 0x61 0 64k")
+    host = repeat_first_cluster(path, l1_entries=32)
+    # The attack: a 384 KiB file whose every guest cluster (16 GiB of them) reads one host cluster.
+    assert os.path.getsize(path) < 400 << 10 and host < os.path.getsize(path)
+    qemu_io(path, "read -P 0x61 0 64k", "read -P 0x61 8G 64k", f"read -P 0x61 {(16 << 30) - (64 << 10)} 64k")
+    target = tmp_path / "t.img"
+    target.write_bytes(bytes(4096))
+    started = time.monotonic()
+    done = bounded_cli("compare", path, str(target), "--block-size", "4096")
+    assert done.returncode == 1 and done.stderr.count("\n") == 1, done.stderr
+    assert "corrupt tables" in done.stderr and path in done.stderr
+    assert time.monotonic() - started < 20  # hashing 16 GiB took minutes
+
+
+def test_data_clusters_mapped_more_often_than_the_file_holds_are_refused(tmp_path):
+    path = str(tmp_path / "repeat.qcow2")
+    run("qemu-img", "create", "-f", "qcow2", path, "512M")
+    qemu_io(path, "write -P 0x62 0 64k")
+    repeat_first_cluster(path)  # 8192 guest clusters on one host cluster, one L2 table
+    qemu_io(path, "read -P 0x62 256M 64k")
+    with pytest.raises(ImageError, match="map more data clusters than the .* file holds"):
+        digest_image(path, 4096, workers=1)
+    done = bounded_cli("compare", path, path, "--block-size", "4096")
+    assert done.returncode == 1 and "map more data clusters" in done.stderr and done.stderr.count("\n") == 1
+
+
+def test_two_l1_entries_sharing_one_l2_table_are_refused(tmp_path):
+    path = str(tmp_path / "shared.qcow2")
+    run("qemu-img", "create", "-f", "qcow2", path, "2G")
+    qemu_io(path, "write -P 0x63 0 64k")
+    l1, _ = first_l2(path)
+    patch(path, l1 + 8, ">Q", header_field(path, l1, ">Q"))  # guest 512M..1G reads the first table again
+    qemu_io(path, "read -P 0x63 512M 64k")
+    with pytest.raises(ImageError, match="L1 entries 0 and 1 share the L2 table"):
+        digest_image(path, 4096, workers=1)
+
+
+@pytest.mark.parametrize("compression", ["zlib", "zstd"])
+def test_one_compressed_cluster_mapped_many_times_is_refused(tmp_path, compression):
+    raw = tmp_path / "data.raw"
+    raw.write_bytes(b"blocksketch " * (64 << 10))  # 768 KiB: twelve compressible clusters
+    path = str(tmp_path / "c.qcow2")
+    run("qemu-img", "convert", "-O", "qcow2", "-c", "-o", f"compression_type={compression}", str(raw), path)
+    _, l2 = first_l2(path)
+    entry = header_field(path, l2, ">Q")
+    assert entry & (1 << 62)
+    patch(path, l2, ">12Q", *[entry] * 12)
+    with pytest.raises(ImageError, match="compressed cluster at host offset .* is mapped more than once"):
+        digest_image(path, 512, workers=1)
+
+
+@pytest.mark.parametrize("options", ["", "extended_l2=on,cluster_size=128k", "compression_type=zstd"])
+def test_legit_images_pass_the_allocation_checks_and_read_like_qemu(source, tmp_path, options):
+    path = str(tmp_path / "legit.qcow2")
+    run("qemu-img", "convert", "-O", "qcow2", "-c", *(["-o", options] if options else []), source, path)
+    assert_reads_like_qemu(path)
+    digest_everything(path)
+
+
+HEADER_FIELDS = [  # (name, offset, bytes): every header field an attacker controls, read or not
+    ("version", 4, 4), ("backing_file_offset", 8, 8), ("backing_file_size", 16, 4), ("cluster_bits", 20, 4),
+    ("size", 24, 8), ("crypt_method", 32, 4), ("l1_size", 36, 4), ("l1_table_offset", 40, 8),
+    ("refcount_table_offset", 48, 8), ("refcount_table_clusters", 56, 4), ("nb_snapshots", 60, 4),
+    ("snapshots_offset", 64, 8), ("incompatible_features", 72, 8), ("compatible_features", 80, 8),
+    ("autoclear_features", 88, 8), ("refcount_order", 96, 4), ("header_length", 100, 4),
+]
+
+
+@pytest.mark.parametrize(("offset", "width"), [f[1:] for f in HEADER_FIELDS], ids=[f[0] for f in HEADER_FIELDS])
+def test_extreme_header_integers_are_read_or_refused_never_a_crash(small_image, tmp_path, offset, width):
+    top = (1 << (8 * width)) - 1
+    for value in (0, 1, top, top - 1, 1 << (8 * width - 1), (1 << (8 * width - 1)) - 1, 1 << 40 if width == 8 else 7):
+        path = str(tmp_path / f"{offset}-{value}.qcow2")
+        shutil.copy(small_image, path)
+        patch(path, offset, ">Q" if width == 8 else ">I", value)
+        try:
+            with Qcow2Image(path) as image:
+                list(image.data_extents(0, image.size_bytes))
+            digest_image(path, 512, workers=1)
+        except ImageError as refused:
+            assert path in str(refused) and "\n" not in str(refused)

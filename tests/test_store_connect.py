@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import socket
 import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -11,8 +16,9 @@ import redis
 
 from sketch.errors import StoreError, UsageError
 from store import open_store
-from store.connect import printable_url
+from store.connect import COMMAND_TIMEOUT_S, DEFAULT_ANSWER_TIMEOUT_S, answer_timeout, printable_url
 from tests.redis_server import RedisProcess, free_port
+from tests.test_migrate_cli import one_line_error
 
 
 @pytest.mark.parametrize("url, shown", [
@@ -126,3 +132,85 @@ def test_unsupported_url_is_a_usage_error(url):
 def test_a_cluster_has_only_database_0(redis_cluster):
     with pytest.raises(StoreError, match="SELECT is not allowed in cluster mode"):
         open_store(redis_cluster.url.replace("/0", "/3"))
+
+
+# -- hostile or hung servers (issue 13) --------------------------------------------------------------------
+
+@pytest.fixture
+def silent_server():
+    """A real TCP listener on 127.0.0.1 that accepts connections and never answers a byte."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    held: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        listener.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                held.append(listener.accept()[0])
+            except OSError:
+                continue
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    yield f"redis://127.0.0.1:{listener.getsockname()[1]}/0"
+    stop.set()
+    thread.join()
+    for connection in held:
+        connection.close()
+    listener.close()
+
+
+@pytest.mark.parametrize("how", ["env", "url"])
+def test_a_server_that_accepts_but_never_answers_fails_within_its_timeout(silent_server, how):
+    env = {k: v for k, v in os.environ.items() if k != "BLOCKSKETCH_REDIS_URL"}
+    url = silent_server
+    if how == "env":
+        env["BLOCKSKETCH_REDIS_TIMEOUT"] = "1.5"
+    else:
+        url += "?socket_timeout=1.5"
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-m", "cli", "hosts", "--redis", url], env=env, capture_output=True,
+                          text=True, timeout=60)
+    took = time.monotonic() - started
+    one_line_error(done, 1, "cannot reach Redis at redis://127.0.0.1:", "Timeout")
+    assert took < 10  # 120 s before: the command timeout applied to the first PING
+
+
+def test_the_default_answer_timeout_is_at_most_10_seconds(monkeypatch):
+    monkeypatch.delenv("BLOCKSKETCH_REDIS_TIMEOUT", raising=False)
+    assert answer_timeout() == DEFAULT_ANSWER_TIMEOUT_S <= 10 < COMMAND_TIMEOUT_S
+
+
+def test_a_busy_server_that_has_answered_once_gets_the_longer_command_timeout(redis_url, monkeypatch):
+    """A command waiting longer than the answer timeout, behind another client's slow script, still succeeds."""
+    monkeypatch.setenv("BLOCKSKETCH_REDIS_TIMEOUT", "0.5")
+    with open_store(redis_url) as store:
+        busy = redis.Redis.from_url(redis_url)
+        spin = "local t = redis.call('TIME'); local e = t[1] * 1e6 + t[2] + 1.5e6; " \
+               "repeat t = redis.call('TIME') until t[1] * 1e6 + t[2] > e; return 1"
+        blocker = threading.Thread(target=busy.eval, args=(spin, 0))
+        blocker.start()
+        time.sleep(0.2)
+        started = time.monotonic()
+        assert store.hosts() == []
+        assert time.monotonic() - started > 0.5
+        blocker.join()
+        busy.close()
+
+
+@pytest.mark.parametrize("url", ["redis://[::1", "redis://[::1]:port/0", "redis://user:pw@host:99999999/0"])
+def test_an_unparsable_url_is_a_one_line_usage_error(url):
+    done = subprocess.run([sys.executable, "-m", "cli", "hosts", "--redis", url], capture_output=True, text=True,
+                          timeout=60)
+    one_line_error(done, 2, "bad store URL")
+    assert "pw" not in done.stderr
+
+
+@pytest.mark.parametrize("value", ["abc", "0", "-1", "inf", "nan"])
+def test_a_bad_timeout_setting_is_a_usage_error(monkeypatch, value):
+    monkeypatch.setenv("BLOCKSKETCH_REDIS_TIMEOUT", value)
+    with pytest.raises(UsageError, match="BLOCKSKETCH_REDIS_TIMEOUT"):
+        open_store("redis://127.0.0.1:1/0")
