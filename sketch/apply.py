@@ -137,7 +137,7 @@ def clean_stale_partials(output: str) -> list[str]:
     prefix = partial_path(output, 0)[:-1]
     for path in glob.glob(glob.escape(prefix) + "*"):
         tail = path[len(prefix):].split(".")[0]
-        if not tail.isdigit():
+        if not (tail.isascii() and tail.isdigit()):
             continue
         pid = int(tail)
         if pid != os.getpid() and pid_alive(pid):

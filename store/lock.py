@@ -62,7 +62,7 @@ def owner_token() -> str:
 def holder_is_dead(token: str) -> bool:
     """True if ``token`` names a process of this machine that no longer runs."""
     parts = token.split("|")
-    if len(parts) != 4 or parts[0] != _machine() or not parts[1].isdigit():
+    if len(parts) != 4 or parts[0] != _machine() or not (parts[1].isascii() and parts[1].isdigit()):
         return False
     return _start_time(int(parts[1])) != parts[2]
 

@@ -123,7 +123,7 @@ def _limit_memory() -> None:
 def run_bounded(*args: str, redis_url: str | None = None, stdin: bytes | None = None,
                 timeout: float = 60) -> subprocess.CompletedProcess:
     """The CLI in a child limited to 512 MiB of address space, within ``timeout`` seconds."""
-    env = {**os.environ, "MALLOC_ARENA_MAX": "2"}
+    env = {**os.environ, "MALLOC_ARENA_MAX": "2", "BLOCKSKETCH_HOST": HOST}  # apply and receive run on HOST
     if redis_url:
         env["BLOCKSKETCH_REDIS_URL"] = redis_url
     return subprocess.run([*CLI, *args], env=env, input=stdin, capture_output=True, timeout=timeout,
