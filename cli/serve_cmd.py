@@ -87,7 +87,7 @@ def command(bind: str, token_file: str | None, max_body_mib: int, max_connection
     except ValueError as exc:
         raise UsageError(f"--max-connections: {exc}") from None
     # Bound before the store opens: an address in use fails at once, with nothing started.
-    sock = listen(host, port, limits.backlog)
+    sock = listen(host, port)
     try:
         with open_store(redis_url) as store:
             app = create_app(store, token, max_body_mib << 20)

@@ -61,8 +61,10 @@ class ServiceState:
     metrics: ServiceMetrics = field(default_factory=ServiceMetrics)
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request body: 413 past ``limit`` bytes (declared or streamed), 408 if it arrives too slowly."""
+async def read_body(request: Request, limit: int) -> list[bytes]:
+    """The request body's chunks: 413 past ``limit`` bytes (declared or streamed), 408 if it arrives too slowly.
+
+    Not joined here: joining 57 MiB takes ~90 ms, which the event loop must not wait for."""
     declared = request.headers.get("content-length")
     if declared is not None:
         if not (declared.isascii() and declared.isdigit()):
@@ -86,7 +88,7 @@ async def read_body(request: Request, limit: int) -> bytes:
             raise HTTPError(408, "body_timeout", f"the request body arrived slower than {BODY_MIN_RATE >> 10} KiB/s "
                             f"(after {BODY_GRACE_S:.0f} s)", CLOSE)
         if chunk is None:
-            return b"".join(chunks)
+            return chunks
         size += len(chunk)
         if size > limit:
             raise _too_large(limit)
@@ -98,10 +100,11 @@ def _too_large(limit: int) -> HTTPError:
                      f"({limit / (1 << 20):g} MiB)", CLOSE)
 
 
-def decode_body(body: bytes, content_type: str) -> dict:
+def decode_body(chunks: list[bytes], content_type: str) -> dict:
     """A JSON (or msgpack) object body; anything else, however malformed or deep, is a 400.
 
-    Large bodies take a while to decode: the caller runs this off the event loop."""
+    Large bodies take a while to join and decode: the caller runs this off the event loop."""
+    body = b"".join(chunks)
     if not body:
         raise HTTPError(400, "bad_request", "request body is empty; a JSON object is expected")
     if content_type.split(";")[0].strip().lower() == MSGPACK:
@@ -148,8 +151,8 @@ def endpoint(state: ServiceState, route: str, handler: Handler, *, auth: bool = 
                 check_token(request, state.token)
             payload = {}
             if body:
-                data = await read_body(request, state.max_body_bytes)
-                payload = await anyio.to_thread.run_sync(decode_body, data, request.headers.get("content-type", ""))
+                chunks = await read_body(request, state.max_body_bytes)
+                payload = await anyio.to_thread.run_sync(decode_body, chunks, request.headers.get("content-type", ""))
             params = dict(request.path_params)
             params["_query"] = dict(request.query_params)
             result = await run_in_threadpool(handler, state, params, payload)

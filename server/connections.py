@@ -18,8 +18,16 @@ fails with EMFILE and ``/healthz`` stops answering.
   this way. If every connection has a request in flight, the new one gets a 503 and is closed.
 
 The cap is derived from the file-descriptor limit (:func:`limits_for`), leaving room for the
-connections ``accept`` can take in one burst before the cap is applied (the listen backlog) and for
-the descriptors the service needs itself (Redis connections, image files, the event loop).
+descriptors the service needs itself (Redis connections, image files, the event loop) and for
+connections between ``accept`` and the cap: asyncio accepts up to ``accept_burst`` sockets per loop
+iteration (the ``backlog`` it is given), builds their transports in the next one, calls
+``connection_made`` (where the cap evicts) in the one after, and closes an evicted socket one
+later, so under a flood ``4 * accept_burst`` descriptors are in that pipeline. With less room,
+``accept`` hit EMFILE (measured: fd limit 1024, burst 256, 2,000 idle sockets) and asyncio stops
+accepting for a second. The kernel's queue of connections not yet accepted costs
+no descriptor, so it is made long (:data:`LISTEN_QUEUE`) once serving starts: a flood of connects
+then waits there instead of getting its SYNs dropped, which would cost a client arriving behind it
+a one-second retransmission.
 """
 
 from __future__ import annotations
@@ -36,7 +44,9 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 # a Redis connection per worker thread, image files opened by /v1/manifest, the embedded store's locks.
 FD_RESERVE = 32
 DEFAULT_MAX_CONNECTIONS = 1024
-MAX_BACKLOG = 512
+MAX_ACCEPT_BURST = 128
+PIPELINE_BURSTS = 4  # accept, transport, connection_made, close: see the module docstring
+LISTEN_QUEUE = 4096  # the kernel caps it at net.core.somaxconn
 # A request head is at most 16 KiB (h11's limit); any client able to talk to the service at all
 # sends that within seconds.
 DEFAULT_HEAD_TIMEOUT_S = 10.0
@@ -49,10 +59,10 @@ _REFUSED = (b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json
 
 @dataclass(frozen=True)
 class ConnectionLimits:
-    """The bounds one service applies; ``backlog`` is both the listen queue and the accept burst."""
+    """The bounds one service applies (module docstring)."""
 
     max_connections: int
-    backlog: int
+    accept_burst: int
     head_timeout_s: float = DEFAULT_HEAD_TIMEOUT_S
     keep_alive_s: float = KEEP_ALIVE_S
 
@@ -66,16 +76,17 @@ def fd_limit() -> int:
 def limits_for(fds: int, max_connections: int | None = None,
                head_timeout_s: float = DEFAULT_HEAD_TIMEOUT_S) -> ConnectionLimits:
     """Limits that keep the service within ``fds`` descriptors; ValueError if ``max_connections`` cannot fit."""
-    backlog = max(8, min(MAX_BACKLOG, fds // 4))
-    room = fds - backlog - FD_RESERVE
+    burst = max(4, min(MAX_ACCEPT_BURST, fds // 16))
+    headroom = PIPELINE_BURSTS * burst + FD_RESERVE
+    room = fds - headroom
     if room < 1:
         raise ValueError(f"the file-descriptor limit {fds} (ulimit -n) leaves no room for connections")
     if max_connections is None:
         max_connections = min(DEFAULT_MAX_CONNECTIONS, room)
     if max_connections < 1 or max_connections > room:
-        raise ValueError(f"{max_connections} connections need {max_connections + backlog + FD_RESERVE} file "
+        raise ValueError(f"{max_connections} connections need {max_connections + headroom} file "
                          f"descriptors, but the limit is {fds} (ulimit -n); at most {max(room, 0)} fit")
-    return ConnectionLimits(max_connections, backlog, head_timeout_s)
+    return ConnectionLimits(max_connections, burst, head_timeout_s)
 
 
 class ConnectionGuard:

@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 import uvicorn
 
-from .connections import ConnectionLimits, guarded_protocol
+from .connections import LISTEN_QUEUE, ConnectionLimits, guarded_protocol
 from .errors import ListenError
 
 # Requests still running when SIGTERM arrives get this long to finish; then they are cancelled.
@@ -25,7 +25,7 @@ GRACEFUL_SHUTDOWN_S = 10
 LOGGER = "blocksketch.server"
 
 
-def listen(host: str, port: int, backlog: int) -> socket.socket:
+def listen(host: str, port: int) -> socket.socket:
     """A listening TCP socket on ``host:port``; ListenError (one line) if that is not possible."""
     shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     try:
@@ -37,7 +37,7 @@ def listen(host: str, port: int, backlog: int) -> socket.socket:
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(address)
-        sock.listen(backlog)
+        sock.listen(LISTEN_QUEUE)
     except OSError as exc:
         sock.close()
         raise ListenError(f"cannot listen on {shown}: {(exc.strerror or str(exc)).lower()}") from None
@@ -63,6 +63,8 @@ class _Server(uvicorn.Server):
 
     async def startup(self, sockets=None) -> None:
         await super().startup(sockets)
+        for sock in sockets or ():
+            sock.listen(LISTEN_QUEUE)  # asyncio set it to the accept burst (connections module docstring)
         if self.started and not self.should_exit:
             self.on_listening()
 
@@ -77,7 +79,7 @@ def serve(app, sock: socket.socket, limits: ConnectionLimits, on_listening: Call
     """Serve ``app`` on the listening ``sock`` until SIGTERM or SIGINT; calls ``on_listening`` once it accepts."""
     configure_logging()
     protocol, _ = guarded_protocol(limits)
-    config = uvicorn.Config(app, http=protocol, log_level="warning", access_log=False, backlog=limits.backlog,
+    config = uvicorn.Config(app, http=protocol, log_level="warning", access_log=False, backlog=limits.accept_burst,
                             timeout_keep_alive=limits.keep_alive_s, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
                             lifespan="on")
     _Server(config, on_listening).run(sockets=[sock])
