@@ -377,3 +377,22 @@ def test_max_connections_over_the_fd_limit_is_a_usage_error():
     assert result.returncode == 2
     assert result.stderr.startswith("blocksketch: error: --max-connections: 100000 connections need")
     assert result.stderr.count("\n") == 1
+
+
+def test_a_5xx_is_logged_with_its_traceback_and_answered_in_one_json_line(tmp_path):
+    from tests.redis_server import RedisProcess
+
+    redis = RedisProcess(tmp_path / "redis").start()
+    service = Service(tmp_path, "--redis", redis.url)
+    try:
+        service.wait_listening()
+        redis.stop(kill=True)
+        response = httpx.get(f"{service.base}/v1/hosts", headers=AUTH, timeout=30)
+        assert response.status_code == 503
+        assert set(response.json()) == {"error", "detail"} and b"\n" not in response.content.strip()
+        log = service.stderr()
+        assert "GET /v1/hosts answered 503" in log
+        assert "Traceback (most recent call last)" in log
+    finally:
+        service.stop()
+        redis.stop()
