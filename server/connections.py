@@ -47,8 +47,8 @@ DEFAULT_MAX_CONNECTIONS = 1024
 MAX_ACCEPT_BURST = 128
 PIPELINE_BURSTS = 4  # accept, transport, connection_made, close: see the module docstring
 LISTEN_QUEUE = 4096  # the kernel caps it at net.core.somaxconn
-# A request head is at most 16 KiB (h11's limit); any client able to talk to the service at all
-# sends that within seconds.
+# A request head is a few hundred bytes (h11 refuses one still incomplete past 16 KiB): any client
+# able to use the service at all sends it well within this.
 DEFAULT_HEAD_TIMEOUT_S = 10.0
 KEEP_ALIVE_S = 5.0
 
@@ -96,18 +96,13 @@ class ConnectionGuard:
         self.limits = limits
         self.open = 0
         self.waiting: dict[GuardedH11Protocol, None] = {}  # insertion order: longest waiting first
-        self.evicted = 0
-        self.refused = 0
-        self.head_timeouts = 0
 
     def admit(self, newcomer: GuardedH11Protocol) -> bool:
         """Count a new connection; make room by closing the longest-waiting one. False: refuse it."""
         if self.open >= self.limits.max_connections:
             victim = next(iter(self.waiting), None)
             if victim is None:
-                self.refused += 1
                 return False
-            self.evicted += 1
             victim.close_waiting()
         self.open += 1
         return True
@@ -186,7 +181,6 @@ class GuardedH11Protocol(H11Protocol):
 
     def _head_timed_out(self) -> None:
         self._deadline = None
-        self.guard.head_timeouts += 1
         self.close_waiting()
 
 

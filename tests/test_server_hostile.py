@@ -396,3 +396,25 @@ def test_a_5xx_is_logged_with_its_traceback_and_answered_in_one_json_line(tmp_pa
     finally:
         service.stop()
         redis.stop()
+
+
+def test_a_body_trickling_in_after_the_grace_time_gets_a_408_and_the_connection_closes(shared_service):
+    from server.app import BODY_GRACE_S
+
+    with socket.create_connection(("127.0.0.1", shared_service.port), timeout=1) as sock:
+        sock.sendall(b"POST /v1/rank HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nAuthorization: Bearer "
+                     + TOKEN.encode() + b"\r\nContent-Length: 1000\r\n\r\n{")
+        started = time.monotonic()
+        reply = b""
+        while time.monotonic() - started < BODY_GRACE_S + 5:
+            try:
+                sock.send(b" ")  # a byte a second: alive, but far too slow
+                chunk = sock.recv(1 << 16)
+            except TimeoutError:
+                continue
+            if not chunk:
+                break
+            reply += chunk
+    assert reply.startswith(b"HTTP/1.1 408"), reply[:100]
+    assert json.loads(reply.partition(b"\r\n\r\n")[2])["error"] == "body_timeout"
+    assert BODY_GRACE_S - 0.5 < time.monotonic() - started < BODY_GRACE_S + 3
