@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from starlette.responses import JSONResponse
+import json
+
+from starlette.responses import Response
 
 from sketch.errors import (
     BlockSizeMismatch,
@@ -19,11 +21,12 @@ from sketch.errors import (
 class HTTPError(Exception):
     """An error raised by the HTTP layer itself (auth, body, routing)."""
 
-    def __init__(self, status: int, error: str, detail: str):
+    def __init__(self, status: int, error: str, detail: str, headers: dict | None = None):
         super().__init__(detail)
         self.status = status
         self.error = error
         self.detail = detail
+        self.headers = headers
 
 
 _STATUS = [
@@ -37,12 +40,18 @@ _STATUS = [
 ]
 
 
-def error_response(status: int, error: str, detail: str) -> JSONResponse:
-    return JSONResponse({"error": error, "detail": detail}, status_code=status)
+def error_response(status: int, error: str, detail: str, headers: dict | None = None) -> Response:
+    """The one-line JSON error body; ASCII-escaped, so any detail (a lone surrogate, a newline) renders."""
+    body = json.dumps({"error": error, "detail": detail}, ensure_ascii=True)
+    return Response(body, status_code=status, headers=headers, media_type="application/json")
 
 
-def library_error_response(exc: BlocksketchError) -> JSONResponse:
+def library_error_response(exc: BlocksketchError) -> Response:
     for kind, status, name in _STATUS:
         if isinstance(exc, kind):
             return error_response(status, name, str(exc))
     return error_response(400, "bad_request", str(exc))
+
+
+class ListenError(BlocksketchError):
+    """The service cannot listen on the address it was given (in use, not local, not permitted)."""

@@ -13,7 +13,7 @@ from sketch.blocks import FileIdentity, StaleImage
 from sketch.digests import DIGEST_SIZE
 from sketch.errors import ImageError, UsageError
 from sketch.rank import DEFAULT_EXACT_TOP, DEFAULT_TOP, RankQuery
-from store.keys import check_host
+from store import keys
 from store.ranking import current_fleet, rank_image
 from store.transfer import host_manifest
 
@@ -24,14 +24,14 @@ def split_image_name(name: str) -> tuple[str, str]:
     """``HOST:PATH`` -> (host, path); anything else is a 400."""
     host, sep, path = name.partition(":")
     if not sep or not host or not path:
-        raise UsageError(f"'image' must be HOST:PATH naming an indexed image, not {name!r}")
-    return host, path
+        raise UsageError(f"'image' must be HOST:PATH naming an indexed image, not {name[:200]!r}")
+    return keys.check_host(host), path
 
 
 def manifest(state: ServiceState, params: dict, body: dict) -> dict:
     """Manifest of an indexed image for a destination host; the image must be readable by the service."""
     source_host, path = split_image_name(string_field(body, "image"))
-    destination = string_field(body, "to")
+    destination = keys.check_host(string_field(body, "to"))
     include = body.get("include_manifest", False)
     if not isinstance(include, bool):
         raise UsageError("'include_manifest' must be true or false")
@@ -124,10 +124,12 @@ def rank(state: ServiceState, params: dict, body: dict) -> dict:
     exclude = body.get("exclude_hosts", [])
     if not isinstance(exclude, list) or not all(isinstance(h, str) for h in exclude):
         raise UsageError("'exclude_hosts' must be a list of host names")
+    for host in exclude:
+        keys.check_host(host)
     if "digests" in body:
         source_host = body.get("source_host")
         if source_host is not None:
-            check_host(string_field(body, "source_host"))
+            keys.check_host(string_field(body, "source_host"))
         return rank_image(state.store, rank_query_from_body(body), top=top, exact_top=exact_top,
                           exclude_hosts=exclude, fleet_max_age_s=FLEET_MAX_AGE_S, source_host=source_host)
     image = string_field(body, "image")

@@ -135,7 +135,8 @@ def openapi_document() -> dict:
         "components": {"securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
         "paths": {
             "/healthz": {"get": {"summary": "Liveness, and whether Redis answers", "security": [],
-                                 "responses": {"200": {"description": "alive", **_json({"type": "object"})}}}},
+                                 "responses": {"200": {"description": "alive", **_json({"type": "object"})},
+                                               **_errors(503)}}},
             "/v1/index": {"get": {"summary": "The index's block size, digest algorithm and filter settings",
                                   "security": secured,
                                   "responses": {"200": {"description": "index settings", **_json(INDEX)},
@@ -148,23 +149,23 @@ def openapi_document() -> dict:
                 "summary": "A host's indexed images", "security": secured,
                 "parameters": [{"name": "host", "in": "path", "required": True, "schema": {"type": "string"}}],
                 "responses": {"200": {"description": "images", **_json({"type": "array", "items": IMAGE})},
-                              **_errors(401, 404, 503)}}},
+                              **_errors(400, 401, 404, 503)}}},
             "/v1/rank": {"post": {
                 "summary": "Rank hosts by how much of an image they already hold", "security": secured,
                 "requestBody": {"required": True, "content": {
                     "application/json": {"schema": RANK_REQUEST},
                     "application/msgpack": {"schema": RANK_QUERY_MSGPACK}}},
                 "responses": {"200": {"description": "ranking", **_json(RANK_RESULT)},
-                              **_errors(400, 401, 404, 409, 413, 422, 503)}}},
+                              **_errors(400, 401, 404, 408, 409, 413, 422, 503)}}},
             "/v1/manifest": {"post": {
                 "summary": "Transfer manifest summary (and manifest) for an indexed image to a host",
                 "security": secured,
                 "requestBody": {"required": True, **_json(MANIFEST_REQUEST)},
                 "responses": {"200": {"description": "manifest summary", **_json(MANIFEST_RESULT)},
-                              **_errors(400, 401, 404, 409, 413, 422, 503)}}},
+                              **_errors(400, 401, 404, 408, 409, 413, 422, 503)}}},
             "/metrics": {"get": {"summary": "Prometheus metrics", "security": secured,
                                  "responses": {"200": {"description": "text exposition format",
                                                        "content": {"text/plain": {"schema": {"type": "string"}}}},
-                                               **_errors(401)}}},
+                                               **_errors(401, 503)}}},
         },
     }

@@ -36,14 +36,16 @@ PREFIX = "blocksketch"
 CONFIG = f"{PREFIX}:config"
 HOSTS = f"{PREFIX}:hosts"
 
-# Braces would break the hash tag; whitespace and ':' would make keys ambiguous to read.
-_HOST_NAME = re.compile(r"^[A-Za-z0-9._@+=-][A-Za-z0-9._@+=/-]{0,254}$")
+# Braces would break the hash tag; whitespace and ':' would make keys ambiguous to read. Matched
+# with fullmatch: a pattern's "$" also matches before a final newline, which let "nl2\n" in.
+_HOST_NAME = re.compile(r"[A-Za-z0-9._@+=-][A-Za-z0-9._@+=/-]{0,254}")
 
 
 def check_host(host: str) -> str:
     """Return ``host`` if it can name a host in the index, else raise UsageError."""
-    if not isinstance(host, str) or not _HOST_NAME.match(host):
-        raise UsageError(f"invalid host name {host!r}: use 1-255 letters, digits and . _ - @ + = /")
+    if not isinstance(host, str) or not _HOST_NAME.fullmatch(host):
+        shown = repr(host) if len(repr(host)) <= 66 else repr(host)[:66] + "..."
+        raise UsageError(f"invalid host name {shown}: use 1-255 letters, digits and . _ - @ + = /")
     return host
 
 
