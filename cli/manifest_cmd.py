@@ -9,7 +9,6 @@ import sys
 
 import click
 
-from sketch.digests import data_bytes
 from sketch.errors import FormatError, UsageError
 from sketch.manifest import KIND_NAMES, Manifest
 from sketch.output import STDOUT, check_output
@@ -17,7 +16,7 @@ from store import open_store
 from store.transfer import host_manifest
 
 from .common import (
-    Progress,
+    PhaseBar,
     backing_dir_option,
     block_size_option,
     force_option,
@@ -36,11 +35,9 @@ from .common import (
 def manifest_from_store(store, image: str, host: str, block_size: int | None, progress: bool,
                         image_format: str | None = None, backing_dirs: tuple[str, ...] = ()) -> Manifest:
     """:func:`store.transfer.host_manifest` with progress bars on a terminal."""
-    block_size = store.check_block_size(block_size)
-    total = data_bytes(image, block_size, image_format, backing_dirs) if progress else 0
-    name = os.path.basename(image)
-    with Progress(progress, total, f"digest {name}") as digest_bar:
-        return host_manifest(store, image, host, block_size, image_format, digest_bar, backing_dirs=backing_dirs)
+    with PhaseBar(progress) as phases:
+        return host_manifest(store, image, host, block_size, image_format, backing_dirs=backing_dirs,
+                             phases=phases if progress else None)
 
 
 def manifest_from_service(server_url: str, token_file: str | None, image: str, host: str,

@@ -273,6 +273,11 @@ def data_bytes(path: str, block_size: int = DEFAULT_BLOCK_SIZE, image_format: st
     """Bytes that digesting ``path`` will actually read (its data extents), for progress bars."""
     source = open_image(path, image_format, backing_dirs=backing_dirs)
     try:
-        return sum(stop - start for start, stop in _data_spans(source, block_size, source.size_bytes))
+        return source_data_bytes(source, block_size)
     finally:
         source.close()
+
+
+def source_data_bytes(source: ImageSource, block_size: int = DEFAULT_BLOCK_SIZE) -> int:
+    """:func:`data_bytes` of an image already open."""
+    return sum(stop - start for start, stop in _data_spans(source, block_size, source.size_bytes))

@@ -33,6 +33,7 @@ from .digests import DEFAULT_ALGORITHM, ImageDigests, digest_source
 from .errors import BlockSizeMismatch, ImageError
 from .imagesum import STRONG_HASH, ChecksumThread, strong_hash
 from .manifest import DUP, GROUP_HASH_SIZE, LOCAL, MAX_GROUP_BYTES, SEND, LocalImage, Manifest
+from .progress import Phases, start_phase
 
 MAX_LOCAL_RUN_BYTES = MAX_GROUP_BYTES
 # group_hashes reads a group's whole span at once unless it is this many times its LOCAL bytes.
@@ -170,28 +171,41 @@ def _changed(path: str) -> ImageError:
 def build_manifest(image_path: str, host: str, targets: list[tuple[LocalImage, BlockMap]],
                    block_size: int = DEFAULT_BLOCK_SIZE, algorithm: str = DEFAULT_ALGORITHM,
                    digest_progress: Progress | None = None, seal_progress: Progress | None = None,
-                   image_format: str | None = None, backing_dirs: tuple[str, ...] = ()) -> Manifest:
+                   image_format: str | None = None, backing_dirs: tuple[str, ...] = (),
+                   phases: Phases | None = None) -> Manifest:
     """The manifest rebuilding ``image_path`` on ``host`` from its images ``targets`` plus a bundle.
 
     ``targets`` are the destination's index entries with their block maps (``store.host_block_maps``).
     ``image_format`` ("raw" or "qcow2") is how to read ``image_path``; None detects it by magic.
     The manifest describes the guest-visible bytes, so pack must read the image the same way.
     """
+    source = open_image(image_path, image_format, backing_dirs=backing_dirs)
+    try:
+        return manifest_of_source(source, host, targets, block_size, algorithm, digest_progress, seal_progress,
+                                  phases)
+    finally:
+        source.close()
+
+
+def manifest_of_source(source: ImageSource, host: str, targets: list[tuple[LocalImage, BlockMap]],
+                       block_size: int = DEFAULT_BLOCK_SIZE, algorithm: str = DEFAULT_ALGORITHM,
+                       digest_progress: Progress | None = None, seal_progress: Progress | None = None,
+                       phases: Phases | None = None) -> Manifest:
+    """:func:`build_manifest` of an image already open (the caller closes it); ``phases`` hears
+    when the plan starts, after the digest pass."""
     check_block_size(block_size)
     _check_targets(targets, block_size)
-    source = open_image(image_path, image_format, backing_dirs=backing_dirs)
     checksum = None
     try:
         digests = digest_source(source, block_size, algorithm, progress=digest_progress)
         checksum = ChecksumThread(source)
+        start_phase(phases, f"plan for {host}")
         return manifest_from_digests(source, digests, host, targets, checksum.result, seal_progress,
-                                     source_path=image_path)
+                                     source_path=source.path)
     except BaseException:
         if checksum is not None:
             checksum.cancel()
         raise
-    finally:
-        source.close()
 
 
 def manifest_from_digests(source: ImageSource, digests: ImageDigests, host: str,

@@ -9,10 +9,10 @@ from dataclasses import dataclass
 
 from sketch.blockmap import index_digests, shared_lookups
 from sketch.blocks import FileIdentity, ImageSource, open_image, open_indexed
-from sketch.digests import digest_source
+from sketch.digests import digest_source, source_data_bytes
 from sketch.imagesum import ChecksumThread
 from sketch.manifest import LocalImage, Manifest
-from sketch.manifest_build import build_manifest, manifest_from_digests
+from sketch.manifest_build import manifest_from_digests, manifest_of_source
 from sketch.progress import Phases, start_phase
 from sketch.rank import DEFAULT_EXACT_TOP, DEFAULT_TOP, RankQuery
 from sketch.stream import image_stamp
@@ -26,29 +26,27 @@ Progress = Callable[[int], None]
 def host_manifest(store: Store, image: str, host: str, block_size: int | None = None,
                   image_format: str | None = None, digest_progress: Progress | None = None,
                   seal_progress: Progress | None = None, *, backing_dirs: tuple[str, ...] = (),
-                  expected: FileIdentity | None = None) -> Manifest:
+                  expected: FileIdentity | None = None, phases: Phases | None = None) -> Manifest:
     """The manifest of the local ``image`` (read as ``image_format``, None: detected) against every
     image the index lists for ``host``, at the index's block size.
 
     ``expected``: ``image`` is an indexed path, to be read only if the file there is still the one
     its entry describes (:func:`sketch.blocks.open_indexed`); the service builds manifests so.
+    ``phases`` hears each step start: reading the host's block maps, the digest pass (with its
+    bytes, unless ``digest_progress`` listens to it), the plan.
     """
     block_size = store.check_block_size(block_size)
+    start_phase(phases, f"read {host}'s block maps")
     targets = [(LocalImage.from_info(info), block_map) for info, block_map in store.host_block_maps(host)]
     path = os.path.abspath(image)
-    if expected is None:
-        return build_manifest(path, host, targets, block_size, digest_progress=digest_progress,
-                              seal_progress=seal_progress, image_format=image_format, backing_dirs=backing_dirs)
-    source = open_indexed(path, image_format, expected, backing_dirs=backing_dirs)
-    checksum = None
+    source = (open_image(path, image_format, backing_dirs=backing_dirs) if expected is None
+              else open_indexed(path, image_format, expected, backing_dirs=backing_dirs))
     try:
-        digests = digest_source(source, block_size, progress=digest_progress)
-        checksum = ChecksumThread(source)
-        return manifest_from_digests(source, digests, host, targets, checksum.result, seal_progress, source_path=path)
-    except BaseException:
-        if checksum is not None:
-            checksum.cancel()
-        raise
+        if digest_progress is None and phases is not None:
+            digest_progress = start_phase(phases, f"digest {os.path.basename(path)}",
+                                          source_data_bytes(source, block_size))
+        return manifest_of_source(source, host, targets, block_size, digest_progress=digest_progress,
+                                  seal_progress=seal_progress, phases=phases)
     finally:
         source.close()
 

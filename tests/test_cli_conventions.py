@@ -251,3 +251,12 @@ def test_index_on_a_terminal_shows_digest_sketches_and_publish(tmp_path, redis_u
     assert code == 0, shown
     for phase in ("index node-a: digest", "index node-a: host sketches", "index node-a: publish"):
         assert phase in shown, shown
+
+
+def test_manifest_on_a_terminal_shows_maps_digest_and_plan(indexed, tmp_path, redis_url):
+    env = {**os.environ, "BLOCKSKETCH_REDIS_URL": redis_url}
+    code, shown = _stderr_on_a_terminal(["manifest", indexed["source"], "--to", HOST, "-o", str(tmp_path / "m")],
+                                        env)
+    assert code == 0, shown
+    for phase in (f"read {HOST}'s block maps", "digest source.img", f"plan for {HOST}"):
+        assert phase in shown, shown
