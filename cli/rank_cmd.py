@@ -42,7 +42,7 @@ def print_ranking(result: dict) -> None:
     click.echo(f"image: {result['image']} ({result['total_blocks']} blocks of {result['block_size']} B, "
                f"{percent(zero)} zero); {result['hosts_ranked']} hosts ranked")
     print_table(
-        ["host", "estimated %", "± points (95%)", "exact %", "exact distinct %", "images", "size"],
+        ["host", "estimated %", "± points (95%)", "exact %", "exact distinct %", "images", "files"],
         [[h["host"], percent(h["estimated_shared_ratio"]), _points(h["estimate_error"]),
           percent(h["exact_shared_ratio"]), percent(h["exact_shared_unique_ratio"]),
           "-" if h["images"] is None else h["images"], human_bytes(h["size_bytes"])] for h in result["hosts"]],
