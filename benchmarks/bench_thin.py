@@ -111,7 +111,8 @@ def same_data(source: str, output: str, chunk: int = 4 * MIB) -> bool:
                 end = os.lseek(handle.fileno(), start, os.SEEK_HOLE)
                 for at in range(start, end, chunk):
                     length = min(chunk, end - at)
-                    if os.pread(handle.fileno(), length, at) != os.pread(other.fileno(), length, at).ljust(length, b"\0"):
+                    mine = os.pread(handle.fileno(), length, at)
+                    if mine != os.pread(other.fileno(), length, at).ljust(length, b"\0"):
                         return False
                 offset = end
     return True
