@@ -233,7 +233,8 @@ def main() -> None:
             base = dense_case.get(step)
             if name != "dense" and base and base["ok"]:
                 ratio = f" ({r['seconds'] / base['seconds']:.2f}x)"
-            cells.append(f"{r['seconds']:>7.2f} s{ratio:9} {r['rss_mib']:>6} MiB")
+            wrong = " WRONG" if r.get("same") is False else ""
+            cells.append(f"{r['seconds']:>7.2f} s{ratio:9} {r['rss_mib']:>6} MiB{wrong}")
         print(f"{step:14}" + "".join(cells))
 
 
