@@ -118,7 +118,7 @@ def same_data(source: str, output: str, chunk: int = 4 * MIB) -> bool:
     return True
 
 
-def run_case(name: str, source: str, basis: str, work: str, args, limit: int, env: dict) -> dict:
+def run_case(name: str, source: str, basis: str, work: str, args, limit: int, env: dict, others: list[str]) -> dict:
     cli = [sys.executable, "-m", "cli"]
     bs = ["--block-size", str(args.block_size)]
     out = os.path.join(work, f"{name}.out")
@@ -128,7 +128,9 @@ def run_case(name: str, source: str, basis: str, work: str, args, limit: int, en
     steps = {
         "compare": [[*cli, "compare", source, basis, *bs, "--json"]],
         "index": [[*cli, "index", source, "--host", f"src-{name}", *bs, "--json"]],
-        "rank": [[*cli, "rank", source, "--from", f"src-{name}", *bs, "--json"]],
+        # the other cases' hosts hold the same data: leave them out, so every case ranks one host
+        "rank": [[*cli, "rank", source, "--from", f"src-{name}", *bs, "--json",
+                  *[f"--exclude-host=src-{other}" for other in others]]],
         "manifest": [[*cli, "manifest", source, "--to", "dst", "-o", manifest, "--force", "--json"]],
         "pack": [[*cli, "pack", source, manifest, "-o", bundle, "--force", "--json"]],
         "apply": [[*cli, "apply", manifest, bundle, "-o", out, "--host", "dst", "--force", "--json"]],
@@ -210,7 +212,8 @@ def main() -> None:
                   "data_mib": args.data_mib, "block_size": args.block_size, "limit_gib": args.limit_gib,
                   "cases": {}}
         for name, source in sources.items():
-            report["cases"][name] = run_case(name, source, basis, work, args, limit, env)
+            report["cases"][name] = run_case(name, source, basis, work, args, limit, env,
+                                             [other for other in sources if other != name])
     finally:
         redis.stop()
         if not args.workdir:

@@ -43,7 +43,7 @@ import numpy as np
 from .blocks import FileIdentity, ImageSource, open_image, open_indexed
 from .bundle import BundleReader, open_bundle
 from .errors import ImageError, NotFound, UsageError, VerificationError
-from .imagesum import SEGMENT_BYTES, leaf, root, segment_count, segments_touched, strong_hash, zero_leaf
+from .imagesum import SEGMENT_BYTES, leaf, root, segment_count, segments_touched, strong_hash, zero_leaves
 from .manifest import DUP, LOCAL, SEND, ZERO, Manifest
 from .output import check_output, create_exclusive
 from .pids import pid_alive
@@ -492,11 +492,13 @@ class _SegmentHasher:
         has_data[segments_touched(self.size_bytes, manifest.run_start[data_runs].astype(np.int64),
                                   manifest.run_length[data_runs].astype(np.int64), manifest.block_size)] = True
         has_data[segments_touched(self.size_bytes, *covered, manifest.block_size)] = True
-        self.has_data = has_data.tolist()
+        # Only the data segments are visited; a hole's leaf is known (a thin 2 TiB disk has 512Ki).
+        self.data = np.flatnonzero(has_data).tolist()
+        del has_data
         self.total_blocks = manifest.total_blocks
         self._positions = {"local": 0, "bundle": 0}
-        self._next = 0
-        self._leaves: list = [None] * self.count
+        self._next = 0  # into self.data
+        self._leaves: dict = {}
         self._lock = threading.Lock()
         self._pool = (ThreadPoolExecutor(max_workers=1, thread_name_prefix="blocksketch-checksum") if incremental
                       else None)
@@ -508,17 +510,14 @@ class _SegmentHasher:
             self._positions[writer] = max(self._positions[writer], block)
             frontier = min(self._positions.values())
             ready = self.count if frontier >= self.total_blocks else frontier // self.blocks_per_segment
-            while self._next < ready:
-                # A hole's leaf is known: no task per hole, or a huge sparse image costs a task per 4 MiB.
-                self._leaves[self._next] = (self._pool.submit(self._leaf, self._next) if self.has_data[self._next]
-                                            else self._leaf(self._next))
+            while self._next < len(self.data) and self.data[self._next] < ready:
+                k = self.data[self._next]
+                self._leaves[k] = self._pool.submit(self._leaf, k)
                 self._next += 1
 
     def _leaf(self, k: int) -> bytes:
         offset = k * SEGMENT_BYTES
         length = min(SEGMENT_BYTES, self.size_bytes - offset)
-        if not self.has_data[k]:
-            return zero_leaf(length, self.algorithm)
         buffer = memoryview(bytearray(length))
         done = 0
         while done < length:
@@ -535,14 +534,13 @@ class _SegmentHasher:
 
     def finish(self) -> bytes:
         """The checksum, once every block is written and the file has its final size."""
-        for k in range(self._next, self.count):
-            if not self.has_data[k]:
-                self._leaves[k] = self._leaf(k)
-        remaining = [k for k in range(self.count) if self._leaves[k] is None]
+        remaining = self.data[self._next :]
         with ThreadPoolExecutor(max_workers=2) as pool:
             for k, value in zip(remaining, pool.map(self._leaf, remaining)):
                 self._leaves[k] = value
-        leaves = [x if isinstance(x, bytes) else x.result() for x in self._leaves]
+        leaves = zero_leaves(self.size_bytes, self.algorithm)
+        for k, value in self._leaves.items():
+            leaves[k] = value if isinstance(value, bytes) else value.result()
         return root(self.size_bytes, leaves, self.algorithm)
 
     def close(self) -> None:

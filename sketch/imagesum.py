@@ -18,6 +18,7 @@ naming SHA-256 are still read and verified with it.
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import struct
 import threading
@@ -31,6 +32,7 @@ from .blocks import ImageSource, reopen
 
 SEGMENT_BYTES = 4 << 20
 CHECKSUM_ALGORITHM = "blake3-tree-4m"
+MAX_IN_FLIGHT = 8  # segments a TreeHasher holds queued for its thread
 CHECKSUM_ALGORITHMS = {"blake3-tree-4m": "blake3", "sha256-tree-4m": "sha256"}  # tree -> its hash
 STRONG_HASH = "blake3"  # the verification groups' hash in new manifests
 
@@ -158,14 +160,20 @@ class TreeHasher:
         _tree_hash(algorithm)
         self._pool = ThreadPoolExecutor(max_workers=threads) if threads > 0 else None
         self._leaves: dict = {}
+        self._in_flight: collections.deque = collections.deque()
 
     def add(self, k: int, data: memoryview) -> None:
-        """Add segment ``k`` (any order)."""
+        """Add segment ``k`` (any order). Waits while ``MAX_IN_FLIGHT`` segments are still to hash:
+        when reading outruns hashing (a thin disk's segments are mostly holes, quick to read), the
+        queued buffers would otherwise grow to the whole image."""
         length = min(SEGMENT_BYTES, self.size_bytes - k * SEGMENT_BYTES)
         if self._pool is None:
             self._leaves[k] = leaf(length, data, self.algorithm)
-        else:
-            self._leaves[k] = self._pool.submit(leaf, length, data, self.algorithm)
+            return
+        while len(self._in_flight) >= MAX_IN_FLIGHT:
+            self._in_flight.popleft().result()
+        self._leaves[k] = future = self._pool.submit(leaf, length, data, self.algorithm)
+        self._in_flight.append(future)
 
     def digest(self) -> bytes:
         leaves = zero_leaves(self.size_bytes, self.algorithm)
