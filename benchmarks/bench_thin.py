@@ -1,9 +1,9 @@
 """Thin disks: time and peak memory of every command on a huge, mostly-hole image (issue 15, item 1).
 
 Usage: python benchmarks/bench_thin.py [--workdir DIR] [--virtual-gib 2048] [--data-mib 1024]
-       [--qcow2-virtual-gib 2048] [--limit-gib 8] [--block-size 512] [--only thin,dense,qcow2]
+       [--extent-mib 1] [--qcow2-virtual-gib 2048] [--limit-gib 8] [--block-size 512] [--only thin,dense,qcow2]
 
-Builds three sources holding the same ``--data-mib`` of random data in 1 MiB extents:
+Builds three sources holding the same ``--data-mib`` of random data in ``--extent-mib`` extents:
 
 - ``dense``: the data laid end to end in a file of its own size (the yardstick);
 - ``thin``: a sparse raw file of ``--virtual-gib`` with the extents spread evenly over it, the
@@ -16,7 +16,7 @@ Every command runs as `python -m cli` in a child with RLIMIT_AS of ``--limit-gib
 array of a 2 TiB disk fails at once rather than swapping the machine), against a real
 redis-server started here; wall time and the child's peak RSS (``wait4``) are reported. For
 ``send | receive`` the time is the pipeline's and the RSS the larger of the two processes'.
-The rebuilt images are checked against the source extent by extent (SEEK_DATA/SEEK_HOLE).
+The rebuilt images are checked against the raw source extent by extent (SEEK_DATA/SEEK_HOLE).
 """
 
 from __future__ import annotations
@@ -41,14 +41,17 @@ MIB = 1 << 20
 GIB = 1 << 30
 
 
-def write_extents(path: str, virtual: int, data_mib: int, seed: int = 7) -> list[int]:
-    """A sparse file of ``virtual`` bytes with ``data_mib`` 1 MiB random extents spread evenly."""
+def write_extents(path: str, virtual: int, data_mib: int, extent_mib: int = 1, seed: int = 7) -> list[int]:
+    """A sparse file of ``virtual`` bytes with ``data_mib`` of random data in extents of
+    ``extent_mib`` spread evenly, the last ending at the end; the offset of every MiB written."""
     import numpy as np
 
     rng = np.random.default_rng(seed)
-    stride = virtual // data_mib
-    offsets = [i * stride for i in range(data_mib)]
-    offsets[-1] = virtual - MIB
+    extents = data_mib // extent_mib
+    stride = virtual // extents
+    starts = [i * stride for i in range(extents)]
+    starts[-1] = virtual - extent_mib * MIB
+    offsets = [start + j * MIB for start in starts for j in range(extent_mib)]
     with open(path, "wb") as handle:
         handle.truncate(virtual)
         for offset in offsets:
@@ -118,7 +121,8 @@ def same_data(source: str, output: str, chunk: int = 4 * MIB) -> bool:
     return True
 
 
-def run_case(name: str, source: str, basis: str, work: str, args, limit: int, env: dict, others: list[str]) -> dict:
+def run_case(name: str, source: str, reference: str, basis: str, work: str, args, limit: int, env: dict,
+             others: list[str]) -> dict:
     cli = [sys.executable, "-m", "cli"]
     bs = ["--block-size", str(args.block_size)]
     out = os.path.join(work, f"{name}.out")
@@ -128,7 +132,7 @@ def run_case(name: str, source: str, basis: str, work: str, args, limit: int, en
     steps = {
         "compare": [[*cli, "compare", source, basis, *bs, "--json"]],
         "index": [[*cli, "index", source, "--host", f"src-{name}", *bs, "--json"]],
-        # the other cases' hosts hold the same data: leave them out, so every case ranks one host
+        # the earlier cases' hosts hold the same data: leave them out, so every case ranks one host
         "rank": [[*cli, "rank", source, "--from", f"src-{name}", *bs, "--json",
                   *[f"--exclude-host=src-{other}" for other in others]]],
         "manifest": [[*cli, "manifest", source, "--to", "dst", "-o", manifest, "--force", "--json"]],
@@ -142,9 +146,9 @@ def run_case(name: str, source: str, basis: str, work: str, args, limit: int, en
         results[step] = measure(commands, env, limit)
         print(f"  {name:6} {step:13} {json.dumps(results[step])}", file=sys.stderr, flush=True)
         if step == "apply" and results[step]["ok"]:
-            results[step]["same"] = same_data(source, out)
+            results[step]["same"] = same_data(reference, out)
         if step == "send|receive" and results[step]["ok"]:
-            results[step]["same"] = same_data(source, received)
+            results[step]["same"] = same_data(reference, received)
     for path in (out, received, bundle):
         if os.path.exists(path):
             os.unlink(path)
@@ -157,6 +161,8 @@ def main() -> None:
     parser.add_argument("--virtual-gib", type=int, default=2048)
     parser.add_argument("--qcow2-virtual-gib", type=int, default=2048)
     parser.add_argument("--data-mib", type=int, default=1024)
+    parser.add_argument("--extent-mib", type=int, default=1,
+                        help="size of each data extent (1: every 4 MiB checksum segment holding data is 3/4 hole)")
     parser.add_argument("--limit-gib", type=float, default=8)
     parser.add_argument("--block-size", type=int, default=512)
     parser.add_argument("--only", default="dense,thin,qcow2")
@@ -171,27 +177,27 @@ def main() -> None:
     sources = {}
     built = time.perf_counter()
     thin = os.path.join(work, "thin.raw")
-    offsets = write_extents(thin, args.virtual_gib * GIB, args.data_mib)
+    offsets = write_extents(thin, args.virtual_gib * GIB, args.data_mib, args.extent_mib)
     wanted = args.only.split(",")
     if "dense" in wanted:
         dense = os.path.join(work, "dense.raw")
         with open(thin, "rb") as src, open(dense, "wb") as dst:
             for offset in offsets:
                 dst.write(os.pread(src.fileno(), MIB, offset))
-        sources["dense"] = dense
+        sources["dense"] = (dense, dense)
     if "thin" in wanted:
-        sources["thin"] = thin
+        sources["thin"] = (thin, thin)
     qcow2_seconds = None
     if "qcow2" in wanted:
         raw = thin
         if args.qcow2_virtual_gib != args.virtual_gib:
             raw = os.path.join(work, "thin-q.raw")
-            write_extents(raw, args.qcow2_virtual_gib * GIB, args.data_mib)
+            write_extents(raw, args.qcow2_virtual_gib * GIB, args.data_mib, args.extent_mib)
         qcow2 = os.path.join(work, "thin.qcow2")
         started = time.perf_counter()
         subprocess.run(["qemu-img", "convert", "-O", "qcow2", raw, qcow2], check=True)
         qcow2_seconds = round(time.perf_counter() - started, 1)
-        sources["qcow2"] = qcow2
+        sources["qcow2"] = (qcow2, raw)
     basis = os.path.join(work, "basis.raw")
     rng = np.random.default_rng(7)
     with open(basis, "wb") as handle:  # the first half of the extents, the same random stream
@@ -209,11 +215,12 @@ def main() -> None:
         if not setup["ok"]:
             raise SystemExit(f"indexing the basis failed: {setup}")
         report = {"machine": machine(), "virtual_gib": args.virtual_gib, "qcow2_virtual_gib": args.qcow2_virtual_gib,
-                  "data_mib": args.data_mib, "block_size": args.block_size, "limit_gib": args.limit_gib,
+                  "data_mib": args.data_mib, "extent_mib": args.extent_mib, "block_size": args.block_size,
+                  "limit_gib": args.limit_gib,
                   "cases": {}}
-        for name, source in sources.items():
-            report["cases"][name] = run_case(name, source, basis, work, args, limit, env,
-                                             [other for other in sources if other != name])
+        for name, (source, reference) in sources.items():
+            report["cases"][name] = run_case(name, source, reference, basis, work, args, limit, env,
+                                             list(report["cases"]))
     finally:
         redis.stop()
         if not args.workdir:
@@ -221,7 +228,8 @@ def main() -> None:
     if args.json:
         print(json.dumps(report, indent=1))
         return
-    print(f"{report['machine']}\n{args.data_mib} MiB of data at {args.block_size} B blocks; thin raw "
+    print(f"{report['machine']}\n{args.data_mib} MiB of data in {args.extent_mib} MiB extents at "
+          f"{args.block_size} B blocks; thin raw "
           f"{args.virtual_gib} GiB, qcow2 {args.qcow2_virtual_gib} GiB virtual; RLIMIT_AS {args.limit_gib} GiB")
     dense_case = report["cases"].get("dense", {})
     print(f"{'command':14}" + "".join(f"{name:>30}" for name in report["cases"]))
