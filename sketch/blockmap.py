@@ -116,8 +116,8 @@ class IndexedDigests:
 
 def index_digests(image: ImageDigests) -> IndexedDigests:
     """One sort of an image's digests, shared by its rank query and its manifest's plan."""
-    nonzero_index = np.flatnonzero(~image.zero)
-    order, sorted_keys = sort_keys(digest_keys(image.digests[nonzero_index]))
+    nonzero_index = image.nonzero
+    order, sorted_keys = sort_keys(digest_keys(image.nonzero_digests))
     starts = _run_starts(sorted_keys)
     counts = np.diff(np.append(starts, len(sorted_keys))).astype(np.uint32)
     # The sort is stable, so the first row of each run is the earliest block.

@@ -1,9 +1,11 @@
 """Per-block digests of an image, computed on every core.
 
-The digests of an image are one numpy array of shape ``(n, 16)`` (uint8), block ``i`` in row
-``i``, plus a boolean array marking all-zero blocks. All-zero blocks are found with a vectorised
-OR-reduction and never hashed: their row holds the digest of an all-zero block so that the array
-stays uniform. Holes of sparse files are not read at all.
+The digests of an image are kept for its non-zero blocks only: ``nonzero`` (m,) the block
+numbers, increasing, and ``nonzero_digests`` (m, 16) uint8 their digests, beside the image's
+``total_blocks``. Every other block is all zeros. So memory follows the data an image holds, not
+its virtual size: a 2 TiB thin disk holding 1 GiB costs what the 1 GiB costs (a row per block of
+it would be 4G rows at 512 B). All-zero blocks are found with a vectorised OR-reduction and never
+hashed; holes of sparse files are not read at all.
 
 Hashing runs on every core over byte ranges of the image. The C accelerator
 (``sketch/_blockhash.c``) hashes a whole chunk with the GIL released, so worker threads share the
@@ -20,7 +22,6 @@ import os
 import threading
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
-from dataclasses import dataclass
 
 import numpy as np
 
@@ -57,24 +58,48 @@ def _hasher(algorithm: str):
     return hashlib.md5
 
 
-@dataclass
 class ImageDigests:
-    """Digests of every block of one image."""
+    """Digests of the non-zero blocks of one image; every other block is all zeros.
 
-    path: str
-    size_bytes: int
-    block_size: int
-    algorithm: str
-    digests: np.ndarray  # (n, 16) uint8
-    zero: np.ndarray  # (n,) bool, True where the block is all zeros
+    Built from the sparse rows (``nonzero=``, ``nonzero_digests=``, ``total_blocks=``), or, for
+    small images, from dense per-block ``digests`` (n, 16) and ``zero`` (n,) arrays.
+    """
 
-    @property
-    def total_blocks(self) -> int:
-        return len(self.zero)
+    def __init__(self, path: str, size_bytes: int, block_size: int, algorithm: str,
+                 digests: np.ndarray | None = None, zero: np.ndarray | None = None, *,
+                 nonzero: np.ndarray | None = None, nonzero_digests: np.ndarray | None = None,
+                 total_blocks: int | None = None):
+        self.path = path
+        self.size_bytes = int(size_bytes)
+        self.block_size = int(block_size)
+        self.algorithm = algorithm
+        if nonzero is None:
+            self.nonzero = np.flatnonzero(~np.asarray(zero, dtype=bool))
+            self.nonzero_digests = np.ascontiguousarray(np.asarray(digests, dtype=np.uint8)[self.nonzero])
+            self.total_blocks = len(zero) if total_blocks is None else int(total_blocks)
+        else:
+            self.nonzero = np.asarray(nonzero, dtype=np.int64)
+            self.nonzero_digests = np.asarray(nonzero_digests, dtype=np.uint8).reshape(-1, DIGEST_SIZE)
+            self.total_blocks = block_count(self.size_bytes, self.block_size) if total_blocks is None \
+                else int(total_blocks)
 
     @property
     def zero_blocks(self) -> int:
-        return int(np.count_nonzero(self.zero))
+        return self.total_blocks - len(self.nonzero)
+
+    @property
+    def zero(self) -> np.ndarray:
+        """Dense (n,) bool, True where a block is all zeros. Allocates a row per block: small images only."""
+        zero = np.ones(self.total_blocks, dtype=bool)
+        zero[self.nonzero] = False
+        return zero
+
+    @property
+    def digests(self) -> np.ndarray:
+        """Dense (n, 16) digests, the all-zero block's in zero rows. Allocates a row per block: small images only."""
+        digests = _zero_filled(self.total_blocks, self.block_size, self.algorithm)
+        digests[self.nonzero] = self.nonzero_digests
+        return digests
 
 
 def digest_chunk(buffer: memoryview, block_size: int, digests: np.ndarray, zero: np.ndarray,
@@ -95,9 +120,9 @@ def digest_chunk(buffer: memoryview, block_size: int, digests: np.ndarray, zero:
     digests[nonzero] = np.frombuffer(joined, dtype=np.uint8).reshape(-1, DIGEST_SIZE)
 
 
-def _digest_span(source: ImageSource, start: int, stop: int, block_size: int, algorithm: str,
+def _digest_span(source: ImageSource, start: int, stop: int, base: int, block_size: int, algorithm: str,
                  digests: np.ndarray, zero: np.ndarray, progress: ProgressCallback | None) -> None:
-    """Digest bytes ``[start, stop)`` (block aligned) into rows of ``digests``/``zero``."""
+    """Digest bytes ``[start, stop)`` (block aligned) into ``digests``/``zero`` from row ``base`` on."""
     chunk = bytearray(min(READ_CHUNK, stop - start))
     view = memoryview(chunk)
     position = start
@@ -106,7 +131,7 @@ def _digest_span(source: ImageSource, start: int, stop: int, block_size: int, al
         length += -length % block_size
         part = view[:length]
         source.read_into(position, part)
-        first = position // block_size
+        first = base + (position - start) // block_size
         rows = slice(first, first + length // block_size)
         digest_chunk(part, block_size, digests[rows], zero[rows], algorithm)
         position += length
@@ -151,24 +176,11 @@ def _worker_digest(path: str, image_format: str, backing_dirs: tuple[str, ...], 
             old.close()
         _worker_sources.clear()
         source = _worker_sources[key] = open_image(path, image_format, backing_dirs=backing_dirs)
-    first = start // block_size
     count = (stop - start) // block_size
-    digests = _zero_filled(count, block_size, algorithm)
+    digests = np.empty((count, DIGEST_SIZE), dtype=np.uint8)
     zero = np.ones(count, dtype=bool)
-    shifted = _Shifted(source, start)
-    _digest_span(shifted, 0, stop - start, block_size, algorithm, digests, zero, None)
-    return first, digests, zero
-
-
-class _Shifted:
-    """A view of a source whose offset 0 is ``base`` in the real image."""
-
-    def __init__(self, source: ImageSource, base: int):
-        self._source = source
-        self._base = base
-
-    def read_into(self, offset: int, buffer: memoryview) -> None:
-        self._source.read_into(self._base + offset, buffer)
+    _digest_span(source, start, stop, 0, block_size, algorithm, digests, zero, None)
+    return digests, zero
 
 
 _pool: ProcessPoolExecutor | None = None
@@ -192,7 +204,7 @@ def _get_pool(workers: int) -> ProcessPoolExecutor:
     return _pool
 
 
-def _digest_in_threads(source: ImageSource, spans: list[tuple[int, int]], block_size: int, algorithm: str,
+def _digest_in_threads(source: ImageSource, spans: list[tuple[int, int, int]], block_size: int, algorithm: str,
                        digests: np.ndarray, zero: np.ndarray, progress: ProgressCallback | None,
                        workers: int) -> None:
     """Digest spans on worker threads, each with its own open image (qcow2 caches are per reader)."""
@@ -204,13 +216,13 @@ def _digest_in_threads(source: ImageSource, spans: list[tuple[int, int]], block_
         with lock:
             progress(done)
 
-    def work(span: tuple[int, int]) -> None:
+    def work(span: tuple[int, int, int]) -> None:
         reader = getattr(local, "reader", None)
         if reader is None:
             reader = local.reader = reopen(source)
             with lock:
                 opened.append(reader)
-        _digest_span(reader, span[0], span[1], block_size, algorithm, digests, zero, report if progress else None)
+        _digest_span(reader, *span, block_size, algorithm, digests, zero, report if progress else None)
 
     try:
         with ThreadPoolExecutor(max_workers=workers) as pool:
@@ -223,36 +235,48 @@ def _digest_in_threads(source: ImageSource, spans: list[tuple[int, int]], block_
 
 def digest_source(source: ImageSource, block_size: int = DEFAULT_BLOCK_SIZE, algorithm: str = DEFAULT_ALGORITHM,
                   workers: int | None = None, progress: ProgressCallback | None = None) -> ImageDigests:
-    """Digest every block of an open image source."""
+    """Digest every block of an open image source (rows for its data extents only)."""
     check_block_size(block_size)
     size_bytes = source.size_bytes
     total = block_count(size_bytes, block_size)
-    digests = _zero_filled(total, block_size, algorithm)
-    zero = np.ones(total, dtype=bool)
     spans = _data_spans(source, block_size, size_bytes)
-    data_bytes = sum(stop - start for start, stop in spans)
+    # Row r of the arrays is block r - row_base[k] + span_first[k] of the span k holding it.
+    span_rows = np.array([(stop - start) // block_size for start, stop in spans], dtype=np.int64)
+    row_base = np.cumsum(span_rows) - span_rows
+    span_first = np.array([start // block_size for start, _ in spans], dtype=np.int64)
+    rows = int(span_rows.sum())
+    digests = np.empty((rows, DIGEST_SIZE), dtype=np.uint8)
+    zero = np.ones(rows, dtype=bool)
+    tasks = [(start, stop, int(base)) for (start, stop), base in zip(spans, row_base.tolist())]
+    data_bytes = rows * block_size
     workers = default_workers() if workers is None else max(1, workers)
     if workers == 1 or data_bytes < PARALLEL_MIN_BYTES or len(spans) < 2:
-        for start, stop in spans:
-            _digest_span(source, start, stop, block_size, algorithm, digests, zero, progress)
+        for start, stop, base in tasks:
+            _digest_span(source, start, stop, base, block_size, algorithm, digests, zero, progress)
     elif _blockhash is not None:
-        _digest_in_threads(source, spans, block_size, algorithm, digests, zero, progress, workers)
+        _digest_in_threads(source, tasks, block_size, algorithm, digests, zero, progress, workers)
     else:
         pool = _get_pool(workers)
         jobs = [pool.submit(_worker_digest, source.path, source.format, source.backing_dirs, start, stop, block_size,
                             algorithm)
-                for start, stop in spans]
+                for start, stop, _ in tasks]
         try:
-            for job, (start, stop) in zip(jobs, spans):
-                first, part, part_zero = job.result()
-                digests[first : first + len(part_zero)] = part
-                zero[first : first + len(part_zero)] = part_zero
+            for job, (start, stop, base) in zip(jobs, tasks):
+                part, part_zero = job.result()
+                digests[base : base + len(part_zero)] = part
+                zero[base : base + len(part_zero)] = part_zero
                 if progress:
                     progress(stop - start)
         finally:
             for job in jobs:
                 job.cancel()
-    return ImageDigests(source.path, size_bytes, block_size, algorithm, digests, zero)
+    keep = np.flatnonzero(~zero)
+    del zero
+    span = np.searchsorted(row_base, keep, side="right") - 1
+    nonzero = keep - row_base[span] + span_first[span]
+    kept = digests[keep] if len(keep) < rows else digests
+    return ImageDigests(source.path, size_bytes, block_size, algorithm, nonzero=nonzero, nonzero_digests=kept,
+                        total_blocks=total)
 
 
 def digest_image(path: str, block_size: int = DEFAULT_BLOCK_SIZE, algorithm: str = DEFAULT_ALGORITHM,

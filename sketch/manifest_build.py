@@ -1,12 +1,13 @@
 """Building a manifest: the exact pass of a source image against every image of a destination host.
 
-Three steps, all vectorised over blocks (Python loops run per run, never per block):
+Three steps, all vectorised over the non-zero blocks (Python loops run per run, never per block;
+nothing is sized by the image's total blocks, so a thin 2 TiB disk costs what its data costs):
 
-1. classify (:func:`plan_blocks`): every block is ZERO, LOCAL (its content is in a destination
-   image: take the block map's ``first`` block there), SEND (first occurrence of a content the
-   destination lacks) or DUP (a later occurrence of a SEND content). Destination images are
-   tried in order of how many source blocks they hold, so most LOCAL blocks come from the best
-   image and runs stay long;
+1. classify (:func:`plan_blocks`): every block is ZERO (outside the digests' non-zero rows),
+   LOCAL (its content is in a destination image: take the block map's ``first`` block there),
+   SEND (first occurrence of a content the destination lacks) or DUP (a later occurrence of a
+   SEND content). Destination images are tried in order of how many source blocks they hold, so
+   most LOCAL blocks come from the best image and runs stay long;
 2. coalesce (:func:`plan_runs`): consecutive blocks of one kind and source become runs (a LOCAL
    run maps consecutive source blocks to consecutive blocks of one image; a DUP run copies
    consecutive earlier blocks); LOCAL runs are cut at ``MAX_LOCAL_RUN_BYTES`` and grouped into
@@ -32,7 +33,7 @@ from .blocks import DEFAULT_BLOCK_SIZE, ImageSource, check_block_size, open_imag
 from .digests import DEFAULT_ALGORITHM, ImageDigests, digest_source
 from .errors import BlockSizeMismatch, ImageError
 from .imagesum import STRONG_HASH, ChecksumThread, strong_hash
-from .manifest import DUP, GROUP_HASH_SIZE, LOCAL, MAX_GROUP_BYTES, SEND, LocalImage, Manifest
+from .manifest import DUP, GROUP_HASH_SIZE, LOCAL, MAX_GROUP_BYTES, SEND, ZERO, LocalImage, Manifest
 from .progress import Phases, start_phase
 
 MAX_LOCAL_RUN_BYTES = MAX_GROUP_BYTES
@@ -46,27 +47,48 @@ Progress = Callable[[int], None]
 
 @dataclass
 class BlockPlan:
-    """Per-block classification of a source image."""
+    """Classification of the non-zero blocks of a source image; every other block is ZERO.
 
-    kind: np.ndarray  # (n,) uint8: ZERO, LOCAL, SEND or DUP
-    ref: np.ndarray  # (n,) int64: LOCAL -> block in the local image; DUP -> source block copied; else -1
-    image: np.ndarray  # (n,) int32: LOCAL -> index of the local image; else -1
+    Row ``i`` is block ``blocks[i]``: arrays follow the data an image holds, never its size.
+    """
+
+    total_blocks: int
+    blocks: np.ndarray  # (m,) int64: the non-zero blocks, ascending
+    kind: np.ndarray  # (m,) uint8: LOCAL, SEND or DUP
+    ref: np.ndarray  # (m,) int64: LOCAL -> block in the local image; DUP -> source block copied; else -1
+    image: np.ndarray  # (m,) int32: LOCAL -> index of the local image; else -1
+
+
+@dataclass
+class PlanRuns:
+    """Runs of a plan covering every block: ``row`` is the plan row of a run's first block, -1 for ZERO."""
+
+    start: np.ndarray  # (r,) int64: first block
+    length: np.ndarray  # (r,) int64
+    row: np.ndarray  # (r,) int64
+
+    def kind(self, plan: BlockPlan) -> np.ndarray:
+        kind = np.full(len(self.row), ZERO, dtype=np.uint8)
+        data = self.row >= 0
+        kind[data] = plan.kind[self.row[data]]
+        return kind
 
 
 def plan_blocks(source: ImageDigests, targets: list[BlockMap], indexed: IndexedDigests | None = None) -> BlockPlan:
-    """Classify every block of ``source`` against the destination's block maps ``targets``.
+    """Classify every non-zero block of ``source`` against the destination's block maps ``targets``.
 
     ``indexed``: :func:`sketch.blockmap.index_digests` of ``source``, when the caller has it.
     """
-    n = source.total_blocks
-    kind = np.zeros(n, dtype=np.uint8)
-    ref = np.full(n, -1, dtype=np.int64)
-    image = np.full(n, -1, dtype=np.int32)
     if indexed is None:
         indexed = index_digests(source)
     nonzero = indexed.nonzero
-    if len(nonzero) == 0:
-        return BlockPlan(kind, ref, image)
+    m = len(nonzero)
+    kind = np.zeros(m, dtype=np.uint8)
+    ref = np.full(m, -1, dtype=np.int64)
+    image = np.full(m, -1, dtype=np.int32)
+    plan = BlockPlan(source.total_blocks, nonzero, kind, ref, image)
+    if m == 0:
+        return plan
     unique = indexed.block_map.keys
     group = indexed.row  # the content of every non-zero block, in block order
     multiplicity = indexed.block_map.counts
@@ -90,39 +112,53 @@ def plan_blocks(source: ImageDigests, targets: list[BlockMap], indexed: IndexedD
 
     block_image = chosen[group]
     local = block_image >= 0
-    kind[nonzero[local]] = LOCAL
-    ref[nonzero[local]] = offset[group[local]]
-    image[nonzero[local]] = block_image[local]
+    kind[local] = LOCAL
+    ref[local] = offset[group[local]]
+    image[local] = block_image[local]
     origin = first_block[group]
     is_first = origin == nonzero
-    kind[nonzero[~local & is_first]] = SEND
+    kind[~local & is_first] = SEND
     dup = ~local & ~is_first
-    kind[nonzero[dup]] = DUP
-    ref[nonzero[dup]] = origin[dup]
-    return BlockPlan(kind, ref, image)
+    kind[dup] = DUP
+    ref[dup] = origin[dup]
+    return plan
 
 
-def plan_runs(plan: BlockPlan, max_local_blocks: int) -> tuple[np.ndarray, np.ndarray]:
-    """``(start, length)`` of the runs of a plan (LOCAL runs cut at ``max_local_blocks``)."""
-    kind, ref, image = plan.kind, plan.ref, plan.image
-    n = len(kind)
-    if n == 0:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    breaks = np.ones(n, dtype=bool)
-    chained = (kind[1:] == LOCAL) | (kind[1:] == DUP)
-    breaks[1:] = (kind[1:] != kind[:-1]) | (image[1:] != image[:-1]) | (chained & (ref[1:] != ref[:-1] + 1))
-    start = np.flatnonzero(breaks)
-    length = np.diff(np.append(start, n))
-    pieces = np.where(kind[start] == LOCAL, -(-length // max_local_blocks), 1)
-    if (pieces > 1).any():
-        # Run i becomes pieces[i] runs starting every max_local_blocks blocks.
-        owner = np.repeat(np.arange(len(start)), pieces)
-        index_in_run = np.arange(len(owner)) - np.repeat(np.cumsum(pieces) - pieces, pieces)
-        new_start = start[owner] + index_in_run * max_local_blocks
-        end = start[owner] + length[owner]  # pieces of other runs are whole runs: end - start
-        length = np.minimum(new_start + np.where(pieces[owner] > 1, max_local_blocks, end), end) - new_start
-        start = new_start
-    return start, length
+def plan_runs(plan: BlockPlan, max_local_blocks: int) -> PlanRuns:
+    """The runs of a plan (LOCAL runs cut at ``max_local_blocks``), the gaps between its rows as ZERO runs."""
+    kind, ref, image, blocks = plan.kind, plan.ref, plan.image, plan.blocks
+    m = len(kind)
+    start = np.zeros(0, np.int64)  # rows
+    length = np.zeros(0, np.int64)
+    if m:
+        breaks = np.ones(m, dtype=bool)
+        chained = (kind[1:] == LOCAL) | (kind[1:] == DUP)
+        breaks[1:] = (blocks[1:] != blocks[:-1] + 1) | (kind[1:] != kind[:-1]) | (image[1:] != image[:-1]) | \
+            (chained & (ref[1:] != ref[:-1] + 1))
+        start = np.flatnonzero(breaks)
+        length = np.diff(np.append(start, m))
+        pieces = np.where(kind[start] == LOCAL, -(-length // max_local_blocks), 1)
+        if (pieces > 1).any():
+            # Run i becomes pieces[i] runs starting every max_local_blocks blocks.
+            owner = np.repeat(np.arange(len(start)), pieces)
+            index_in_run = np.arange(len(owner)) - np.repeat(np.cumsum(pieces) - pieces, pieces)
+            new_start = start[owner] + index_in_run * max_local_blocks
+            end = start[owner] + length[owner]  # pieces of other runs are whole runs: end - start
+            length = np.minimum(new_start + np.where(pieces[owner] > 1, max_local_blocks, end), end) - new_start
+            start = new_start
+    # A run's rows are consecutive blocks, so its block is its first row's; the gaps are ZERO.
+    block_start = blocks[start].astype(np.int64)
+    block_end = block_start + length
+    gap_start = np.append(0, block_end)
+    gap_length = np.append(block_start, plan.total_blocks) - gap_start
+    count = len(start)
+    out_start = np.empty(2 * count + 1, dtype=np.int64)
+    out_length = np.empty(2 * count + 1, dtype=np.int64)
+    out_row = np.full(2 * count + 1, -1, dtype=np.int64)
+    out_start[0::2], out_length[0::2] = gap_start, gap_length
+    out_start[1::2], out_length[1::2], out_row[1::2] = block_start, length, start
+    keep = out_length > 0
+    return PlanRuns(out_start[keep], out_length[keep], out_row[keep])
 
 
 def plan_groups(local_length: np.ndarray, max_group_blocks: int) -> np.ndarray:
@@ -135,18 +171,17 @@ def plan_groups(local_length: np.ndarray, max_group_blocks: int) -> np.ndarray:
     return runs.astype(np.uint32)
 
 
-def _fix_dup_collisions(source: ImageSource, plan: BlockPlan, start: np.ndarray, length: np.ndarray,
-                        block_size: int) -> int:
+def _fix_dup_collisions(source: ImageSource, plan: BlockPlan, runs: PlanRuns, block_size: int) -> int:
     """Compare every DUP block with the block it copies; demote differing ones to SEND.
 
     Returns how many were demoted (an MD5 collision inside the source, or a change under us).
     """
-    dup_runs = np.flatnonzero(plan.kind[start] == DUP)
+    dup_runs = np.flatnonzero(runs.kind(plan) == DUP)
     per_piece = max(1, COMPARE_BYTES // block_size)
     demoted = 0
     for run in dup_runs.tolist():
-        first, count = int(start[run]), int(length[run])
-        origin = int(plan.ref[first])
+        first, count, row = int(runs.start[run]), int(runs.length[run]), int(runs.row[run])
+        origin = int(plan.ref[row])
         for done in range(0, count, per_piece):
             blocks = min(per_piece, count - done)
             here = bytearray(blocks * block_size)
@@ -157,7 +192,7 @@ def _fix_dup_collisions(source: ImageSource, plan: BlockPlan, start: np.ndarray,
                 continue
             a = np.frombuffer(here, dtype=np.uint8).reshape(blocks, block_size)
             b = np.frombuffer(there, dtype=np.uint8).reshape(blocks, block_size)
-            differ = first + done + np.flatnonzero(np.any(a != b, axis=1))
+            differ = row + done + np.flatnonzero(np.any(a != b, axis=1))
             plan.kind[differ] = SEND
             plan.ref[differ] = -1
             demoted += len(differ)
@@ -227,17 +262,19 @@ def manifest_from_digests(source: ImageSource, digests: ImageDigests, host: str,
         raise _changed(source.path)
     plan = plan_blocks(digests, [m for _, m in targets], indexed)
     max_local = max(1, MAX_LOCAL_RUN_BYTES // block_size)
-    start, length = plan_runs(plan, max_local)
-    if _fix_dup_collisions(source, plan, start, length, block_size):
-        start, length = plan_runs(plan, max_local)
-    run_kind = plan.kind[start]
+    runs = plan_runs(plan, max_local)
+    if _fix_dup_collisions(source, plan, runs, block_size):
+        runs = plan_runs(plan, max_local)
+    start, length = runs.start, runs.length
+    run_kind = runs.kind(plan)
     is_local = run_kind == LOCAL
+    local_rows = runs.row[is_local]
     group_runs = plan_groups(length[is_local], max(1, MAX_GROUP_BYTES // block_size))
     hashes = group_hashes(source, start[is_local], length[is_local], group_runs, block_size, seal_progress)
     if callable(checksum):
         checksum = checksum()
     # Keep only the images a LOCAL run uses, numbered in order of first use.
-    used, local_image = np.unique(plan.image[start[is_local]], return_inverse=True)
+    used, local_image = np.unique(plan.image[local_rows], return_inverse=True)
     images = [LocalImage.from_info(targets[int(j)][0]) for j in used]
     return Manifest(
         size_bytes=source.size_bytes,
@@ -249,10 +286,10 @@ def manifest_from_digests(source: ImageSource, digests: ImageDigests, host: str,
         run_kind=run_kind.astype(np.uint8),
         run_length=length.astype(np.uint64),
         local_image=local_image.astype(np.uint32),
-        local_block=plan.ref[start[is_local]].astype(np.uint64),
+        local_block=plan.ref[local_rows].astype(np.uint64),
         group_runs=group_runs,
         group_hash=hashes,
-        dup_origin=plan.ref[start[run_kind == DUP]].astype(np.uint64),
+        dup_origin=plan.ref[runs.row[run_kind == DUP]].astype(np.uint64),
         source_path=source_path if source_path is not None else source.path,
     )
 
@@ -308,5 +345,5 @@ def group_hashes(source: ImageSource, local_start: np.ndarray, local_length: np.
     return hashes
 
 
-__all__ = ["MAX_LOCAL_RUN_BYTES", "BlockPlan", "build_manifest", "group_hashes", "manifest_from_digests",
+__all__ = ["MAX_LOCAL_RUN_BYTES", "BlockPlan", "PlanRuns", "build_manifest", "group_hashes", "manifest_from_digests",
            "plan_blocks", "plan_groups", "plan_runs"]
