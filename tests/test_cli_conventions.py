@@ -186,11 +186,19 @@ def test_sigterm_to_index_releases_the_lock_and_the_embedded_store(tmp_path, iso
                                stderr=subprocess.PIPE)
     pid_file = isolated_home / "store" / "server.pid"
     _wait_for(pid_file.exists)
-    time.sleep(0.3)  # into the digest pass
+    # Stop it while it holds the host's refresh lock (it digests for a while after taking it).
+    import redis
+
+    from store.embedded import EmbeddedServer
+
+    client = redis.Redis.from_url(EmbeddedServer(isolated_home).url)
+    _wait_for(lambda: client.exists(f"blocksketch:{{{HOST}}}:lock") or indexer.poll() is not None, 60)
+    assert indexer.poll() is None, "the refresh finished before it could be stopped"
     indexer.send_signal(signal.SIGTERM)
     _, err = indexer.communicate(timeout=60)
     assert indexer.returncode == 128 + signal.SIGTERM, err.decode()
     assert "stopped (SIGTERM)" in err.decode()
+    client.close()
     server_pid = int(pid_file.read_text()) if pid_file.exists() else None
     if server_pid is not None:
         _wait_for(lambda: not os.path.exists(f"/proc/{server_pid}") or
