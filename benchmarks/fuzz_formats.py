@@ -198,23 +198,46 @@ def run_cli(args: list[str], cwd: str, env: dict, stdin_path: str | None = None)
     return step
 
 
+# What --subprocess-sample runs instead of ``python -m cli``: the same limits as the fork server's
+# children, set after the imports (as there), so the two can be compared case by case.
+LIMITED_MAIN = f"""
+import ctypes, importlib, resource, sys
+import cli.main
+importlib.import_module("cli." + sys.argv[1].replace("-", "_") + "_cmd")
+ctypes.CDLL(None).mallopt(-8, 1)
+with open("/proc/self/status") as status:
+    size = next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmSize:"))
+resource.setrlimit(resource.RLIMIT_AS, (size + {AS_HEADROOM},) * 2)
+resource.setrlimit(resource.RLIMIT_CPU, ({int(KILL_S)}, {int(KILL_S) + 1}))
+cli.main.main.main(sys.argv[1:], prog_name="blocksketch")
+"""
+
+
 def run_cli_subprocess(args: list[str], cwd: str, env: dict, stdin_path: str | None = None) -> Step:
-    """The same step as a real ``python -m cli`` process (for --subprocess-sample)."""
+    """The same step as a real process (for --subprocess-sample): ``python -c LIMITED_MAIN ARGS``."""
     step = Step(list(args))
+    out, err = os.path.join(cwd, ".fuzz-stdout"), os.path.join(cwd, ".fuzz-stderr")
     started = time.perf_counter()
     env = {**env, "PYTHONPATH": str(ROOT)}
-    with open(stdin_path or os.devnull, "rb") as stdin:
-        process = subprocess.Popen([sys.executable, "-m", "cli", *args], cwd=cwd, env=env, stdin=stdin,
-                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        try:
-            out, err = process.communicate(timeout=KILL_S + 1)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            out, err = process.communicate()
+    with open(stdin_path or os.devnull, "rb") as stdin, open(out, "wb") as stdout, open(err, "wb") as stderr:
+        process = subprocess.Popen([sys.executable, "-c", LIMITED_MAIN, *args], cwd=cwd, env=env, stdin=stdin,
+                                   stdout=stdout, stderr=stderr, start_new_session=True)
+        pidfd = os.pidfd_open(process.pid)
+        ready, _, _ = select.select([pidfd], [], [], KILL_S + 1)  # + python's start-up
+        if not ready:
+            os.killpg(process.pid, signal.SIGKILL)
+        _, status, usage = os.wait4(process.pid, 0)
+        os.close(pidfd)
+        process.returncode = os.waitstatus_to_exitcode(status)
     step.wall_s = time.perf_counter() - started
+    step.rss_kib = usage.ru_maxrss
+    step.cpu_s = usage.ru_utime + usage.ru_stime
     step.code = process.returncode if process.returncode >= 0 else None
     step.signal = -process.returncode if process.returncode < 0 else None
-    step.stdout, step.stderr = out[: 1 << 20], err.decode("utf-8", "replace")
+    step.stdout = Path(out).read_bytes()[: 1 << 20]
+    step.stderr = Path(err).read_bytes()[: 1 << 20].decode("utf-8", "replace")
+    os.unlink(out)
+    os.unlink(err)
     return step
 
 
@@ -690,8 +713,11 @@ def qemu_reading(case: Case, disk: str, data: bytes) -> str | None:
     """The raw bytes qemu-img reads from ``disk`` (as a file path), or None if it refuses or is too big."""
     if data[:4] != b"QFI\xfb":
         return disk  # blocksketch reads it as raw, as it should
-    info = subprocess.run(["qemu-img", "info", "--output=json", "-f", "qcow2", "-U", disk], capture_output=True,
-                          timeout=10)
+    try:
+        info = subprocess.run(["qemu-img", "info", "--output=json", "-f", "qcow2", "-U", disk], capture_output=True,
+                              timeout=10)
+    except subprocess.TimeoutExpired:  # qemu-img itself loops on some (a v2 image backed by itself)
+        return None
     if info.returncode != 0:
         return None
     try:
@@ -701,8 +727,13 @@ def qemu_reading(case: Case, disk: str, data: bytes) -> str | None:
     if size > 64 << 20:
         return None
     reference = os.path.join(case.dir, "..", f"{case.id}.qemu.raw")
-    done = subprocess.run(["qemu-img", "convert", "-U", "-f", "qcow2", "-O", "raw", disk, reference],
-                          capture_output=True, timeout=20)
+    try:
+        done = subprocess.run(["qemu-img", "convert", "-U", "-f", "qcow2", "-O", "raw", disk, reference],
+                              capture_output=True, timeout=10)
+    except subprocess.TimeoutExpired:
+        if os.path.exists(reference):
+            os.unlink(reference)
+        return None
     return reference if done.returncode == 0 else None
 
 
