@@ -351,6 +351,28 @@ def test_a_qcow2_virtual_size_off_the_sector_grid_reads_as_qemu_img_reads_it(wor
 
 
 @pytest.mark.tools("qemu-img")
+@pytest.mark.xfail(strict=True, reason="bit 0 of an L2 entry (zero cluster) only exists from version 3; in a "
+                                       "version 2 image QEMU calls it corruption, blocksketch reads zeros "
+                                       "(sketch/qcow2.py)")
+def test_a_zero_flag_in_a_version_2_qcow2_is_refused_not_read_as_zeros(world, tmp_path):
+    # target qcow2, cases qcow2-1326, qcow2-1397, qcow2-951, qcow2-index-2 (v2: an L2 entry | 1);
+    # qemu-img: "Zero cluster entry found in pre-v3 image"
+    from sketch.errors import ImageError
+    from sketch.qcow2 import Qcow2Image
+
+    path = qcow2_of(Path(world["source"]), tmp_path, "-o", "compat=0.10")
+    data = bytearray(path.read_bytes())
+    l1_offset, = struct.unpack_from(">Q", data, 40)
+    l2_offset = struct.unpack_from(">Q", data, l1_offset)[0] & 0x00FFFFFFFFFFFE00
+    entries = np.frombuffer(bytes(data[l2_offset : l2_offset + 4096]), dtype=">u8")
+    allocated = int(np.flatnonzero(entries)[0])
+    struct.pack_into(">Q", data, l2_offset + 8 * allocated, int(entries[allocated]) | 1)
+    path.write_bytes(data)
+    with pytest.raises(ImageError), Qcow2Image(str(path)) as image:
+        image.read_into(0, memoryview(bytearray(image.size_bytes)))
+
+
+@pytest.mark.tools("qemu-img")
 @pytest.mark.xfail(strict=True, reason="a backing file under /proc is read (its size says 0, its reads give bytes): "
                                        "send streams blocks its own manifest does not describe, which receive "
                                        "rejects (sketch/qcow2.py, sketch/blocks.py)")
