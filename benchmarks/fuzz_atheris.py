@@ -67,7 +67,7 @@ def context(world) -> dict:
             "chunk_seed": chunk_key}
 
 
-def run_atheris(world, seconds: float) -> dict:
+def run_atheris(world, seconds: float, decoders: list[str] | None = None) -> dict:
     """Each decoder for ``seconds`` in its own process; what each reached and found."""
     work = os.path.join(world.workdir, "atheris")
     os.makedirs(work, exist_ok=True)
@@ -75,7 +75,7 @@ def run_atheris(world, seconds: float) -> dict:
     with open(os.path.join(work, "context.json"), "w") as handle:
         json.dump(ctx, handle)
     report = {"decoders": {}, "lines": []}
-    for decoder in DECODERS:
+    for decoder in decoders or DECODERS:
         corpus = os.path.join(work, decoder, "corpus")
         os.makedirs(corpus, exist_ok=True)
         for number, data in enumerate(seeds(world, decoder, ctx)):
@@ -90,6 +90,13 @@ def run_atheris(world, seconds: float) -> dict:
         took = time.perf_counter() - started
         stats = libfuzzer_stats(done.stderr)
         found = json.loads(Path(crashes).read_text()) if os.path.exists(crashes) else {}
+        # libFuzzer's own finds (out-of-memory, timeout) are written as files named by their kind
+        for name in sorted(os.listdir(work)):
+            if name.split("-")[0] in ("oom", "timeout", "crash", "slow") and len(name) > 20:
+                kept = os.path.join(work, decoder, name)
+                os.replace(os.path.join(work, name), kept)
+                found[f"libFuzzer {name.split('-')[0]}"] = {"message": next(
+                    (line for line in done.stderr.splitlines() if "ERROR: libFuzzer" in line), name), "input": kept}
         row = {"seconds": round(took, 1), "exit": done.returncode, **stats, "crash_signatures": len(found),
                "crashes": found, "tail": done.stderr.strip().splitlines()[-3:]}
         report["decoders"][decoder] = row

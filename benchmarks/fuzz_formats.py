@@ -1043,7 +1043,7 @@ def main() -> None:
     parser.add_argument("--log", default=None, help="write every case's result here, one JSON line each")
     args = parser.parse_args()
     targets = [t for t in args.target.split(",") if t]
-    unknown = set(targets) - set(TARGETS)
+    unknown = set(targets) - set(TARGETS) - ({"catalogue", "chunk", "config"} if args.atheris else set())
     if unknown:
         parser.error(f"unknown targets {sorted(unknown)}; known: {', '.join(TARGETS)}")
     from benchmarks.common import machine
@@ -1055,9 +1055,10 @@ def main() -> None:
     world = build_world(workdir)
     world.seed = args.seed
     if args.atheris:
-        from benchmarks.fuzz_atheris import run_atheris
+        from benchmarks.fuzz_atheris import DECODERS, run_atheris
 
-        report = run_atheris(world, args.atheris)
+        decoders = [t for t in args.target.split(",") if t in DECODERS] if args.target != ",".join(TARGETS) else None
+        report = run_atheris(world, args.atheris, decoders)
         for decoder, row in report["decoders"].items():
             for number, info in enumerate(row["crashes"].values()):
                 os.makedirs(os.path.join(args.failures, "atheris"), exist_ok=True)
