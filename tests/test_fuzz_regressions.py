@@ -10,7 +10,7 @@ flip to XPASS (a failure, under strict) when the fix lands, and the mark goes th
 
 Commands run as real processes. Those that must stay within memory run through :data:`LIMITED`,
 which imports the CLI, then sets ``RLIMIT_AS`` to the process's size plus 256 MiB before the
-command starts (as the fuzzer's fork server does), and their peak RSS is read from ``wait4``.
+command starts (as the fuzzer's fork server does), and report their peak RSS (``VmHWM``) at exit.
 """
 
 from __future__ import annotations
@@ -37,8 +37,16 @@ HOST = "ams-1"
 BLOCK_SIZE = 4096
 LIMIT_MIB = 256
 LIMITED = """
-import ctypes, importlib, resource, sys
+import atexit, ctypes, importlib, os, resource, sys
 import cli.main
+
+
+def peak() -> None:  # VmHWM: this process's own peak (ru_maxrss also counts the parent's, from before exec)
+    with open("/proc/self/status") as status, open(os.environ["FUZZ_TEST_HWM"], "w") as out:
+        out.write(next(line.split()[1] for line in status if line.startswith("VmHWM:")))
+
+
+atexit.register(peak)
 importlib.import_module("cli." + sys.argv[1].replace("-", "_") + "_cmd")
 ctypes.CDLL(None).mallopt(-8, 1)  # one malloc arena: thread arenas would count as address space
 with open("/proc/self/status") as status:
@@ -89,18 +97,17 @@ def world(redis_node, tmp_path_factory):
 
 def blocksketch(args: list[str], cwd: Path, world: dict, stdin: str | None = None) -> dict:
     """``blocksketch ARGS`` as a process limited to its size + 256 MiB; how it ended and its peak RSS."""
-    env = {**os.environ, "BLOCKSKETCH_REDIS_URL": world["url"], "PYTHONPATH": str(ROOT)}
-    out_path, err_path = cwd / ".stdout", cwd / ".stderr"
+    out_path, err_path, peak_path = cwd / ".stdout", cwd / ".stderr", cwd / ".peak"
+    env = {**os.environ, "BLOCKSKETCH_REDIS_URL": world["url"], "PYTHONPATH": str(ROOT),
+           "FUZZ_TEST_HWM": str(peak_path)}
     with open(stdin or os.devnull, "rb") as handle, open(out_path, "wb") as out, open(err_path, "wb") as err:
-        process = subprocess.Popen([sys.executable, "-c", LIMITED, *args], cwd=cwd, env=env, stdin=handle,
-                                   stdout=out, stderr=err)
-        _, status, usage = os.wait4(process.pid, 0)  # wait4: this child's own peak RSS
-        process.returncode = os.waitstatus_to_exitcode(status)
-    done = {"code": process.returncode, "stdout": out_path.read_text(), "stderr": err_path.read_text(),
-            "rss_mib": usage.ru_maxrss / 1024}
-    out_path.unlink()
-    err_path.unlink()
-    return done
+        done = subprocess.run([sys.executable, "-c", LIMITED, *args], cwd=cwd, env=env, stdin=handle, stdout=out,
+                              stderr=err, timeout=60)
+    result = {"code": done.returncode, "stdout": out_path.read_text(), "stderr": err_path.read_text(),
+              "rss_mib": int(peak_path.read_text()) / 1024 if peak_path.exists() else float("inf")}
+    for path in (out_path, err_path, peak_path):
+        path.unlink(missing_ok=True)
+    return result
 
 
 def assert_refused(done: dict, output: Path | None = None, *fragments: str) -> None:
