@@ -158,7 +158,7 @@ def decode(data: bytes | None, host: str) -> Catalogue:
         if not isinstance(raw, dict):
             raise FormatError(f"{what} is corrupt (an image entry is not a map)")
         values = {name: codec.field(raw, name, kind, what) for name, kind in _IMAGE_FIELDS.items()}
-        values["indexed_at"] = float(values["indexed_at"])
+        values["indexed_at"] = _timestamp(values["indexed_at"], what)
         if "format" in raw:
             values["image_format"] = codec.field(raw, "format", str, what)
         if "device" in raw:
@@ -167,7 +167,8 @@ def decode(data: bytes | None, host: str) -> Catalogue:
             values["root"] = codec.field(raw, "root", str, what)
         image = ImageEntry(**values)
         if min(image.size_bytes, image.total_blocks, image.zero_blocks, image.distinct, image.chunks - 1,
-               image.filter_m_bits - 8) < 0 or image.zero_blocks + image.distinct > image.total_blocks:
+               image.filter_m_bits - 8) < 0 or image.zero_blocks + image.distinct > image.total_blocks \
+                or image.chunks > max(1, image.distinct):  # every chunk but an empty map's holds a row
             raise FormatError(f"{what} is corrupt (impossible counts for image {image.path})")
         images.append(image)
     sketches = {}
@@ -180,7 +181,7 @@ def decode(data: bytes | None, host: str) -> Catalogue:
     return Catalogue(
         host=host,
         generation=codec.field(document, "generation", int, what),
-        refreshed_at=float(codec.field(document, "refreshed_at", (int, float), what)),
+        refreshed_at=_timestamp(codec.field(document, "refreshed_at", (int, float), what), what),
         block_size=codec.field(document, "block_size", int, what),
         algorithm=codec.field(document, "algorithm", str, what),
         distinct_blocks=codec.field(document, "distinct_blocks", int, what),
@@ -188,6 +189,16 @@ def decode(data: bytes | None, host: str) -> Catalogue:
         sketches=sketches,
         filter_layout=_filter_layout(document, what),
     )
+
+
+# Years 1-9999, what iso_time can print: NaN or year 10000 would fail in a listing, far from the cause.
+_TIMES = (-62135596800.0, 253402300800.0)
+
+
+def _timestamp(value: float, what: str) -> float:
+    if not _TIMES[0] <= value < _TIMES[1]:  # False for NaN too
+        raise FormatError(f"{what} is corrupt (impossible time {value!r})")
+    return float(value)
 
 
 def _filter_layout(document: dict, what: str) -> int:
