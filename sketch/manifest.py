@@ -349,7 +349,8 @@ def _decode(doc, what: str) -> Manifest:
     if algorithm not in ALGORITHMS:
         raise FormatError(f"{what} uses unknown digest algorithm {algorithm!r}")
     checksum = _field(doc, "checksum", dict, what)
-    if checksum.get("algorithm") not in CHECKSUM_ALGORITHMS or not isinstance(checksum.get("digest"), bytes) \
+    if not isinstance(checksum.get("algorithm"), str) or checksum["algorithm"] not in CHECKSUM_ALGORITHMS \
+            or not isinstance(checksum.get("digest"), bytes) \
             or len(checksum["digest"]) != 32:
         raise FormatError(f"{what} uses an unknown image checksum {checksum.get('algorithm')!r}")
     if doc.get("group_hash") not in GROUP_HASHES:

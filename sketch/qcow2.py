@@ -369,7 +369,8 @@ class Qcow2Image:
         self.version = version
         self.cluster_bits = cluster_bits
         self.cluster_size = cluster_size
-        self.size_bytes = size
+        # QEMU's disk is whole 512-byte sectors: a size off that grid ends at the last whole one.
+        self.size_bytes = size - size % 512
         self.compression = COMPRESSION_TYPES[compression_type]
         self.extended_l2 = extended
         self._l1_size = l1_size
@@ -524,6 +525,8 @@ class Qcow2Image:
         entries = table[c0:c1, 0]
         compressed = (entries & np.uint64(COMPRESSED_FLAG)) != 0
         base = entries & np.uint64(OFFSET_MASK)
+        if self.version < 3 and np.any(~compressed & ((entries & np.uint64(ZERO_FLAG)) != 0)):
+            raise self._fail("corrupt L2 entry (a zero cluster flag in a version 2 image)")
         if upc == 1:
             kinds = np.where(compressed, np.uint8(COMPRESSED),
                              np.where((entries & np.uint64(ZERO_FLAG)) != 0, np.uint8(ZERO),

@@ -24,6 +24,8 @@ from .errors import FormatError, UsageError
 
 FORMAT = "blocksketch-ranges"
 VERSION = 1
+# A ranges file lists at most a few million ranges (~20 bytes each as JSON).
+MAX_FILE_BYTES = 64 << 20
 
 
 def merge_ranges(start: np.ndarray, count: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -112,10 +114,14 @@ def read_ranges_file(path: str, manifest_id: bytes, total_blocks: int) -> tuple[
     """The ranges of a ranges file made for the manifest ``manifest_id``, checked against the image."""
     try:
         with open(path, "rb") as handle:
-            document = json.loads(handle.read())
+            text = handle.read(MAX_FILE_BYTES + 1)
     except OSError as exc:
         raise UsageError(f"cannot read ranges file {path}: {exc.strerror}") from None
-    except ValueError:
+    if len(text) > MAX_FILE_BYTES:
+        raise FormatError(f"ranges file {path} is larger than any ranges file ({MAX_FILE_BYTES} bytes)")
+    try:
+        document = json.loads(text)
+    except (ValueError, RecursionError):  # deep nesting overflows the parser's stack
         raise FormatError(f"ranges file {path} is corrupt (not JSON)") from None
     if not isinstance(document, dict) or document.get("format") != FORMAT:
         raise FormatError(f"{path} is not a blocksketch ranges file")

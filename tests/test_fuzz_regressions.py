@@ -5,9 +5,6 @@ Each test names its target and a case id of that run (``python benchmarks/fuzz_f
 ``blocksketch: error: ...`` (never a traceback or an "internal error"), within 256 MiB and 5 s, with
 nothing left at the output; or, for an input that is valid after all, the right result.
 
-Tests marked ``xfail(strict=True)`` are bugs in code other branches are fixing right now: they
-flip to XPASS (a failure, under strict) when the fix lands, and the mark goes then.
-
 Commands run as real processes. Those that must stay within memory run through :data:`LIMITED`,
 which imports the CLI, then sets ``RLIMIT_AS`` to the process's size plus 256 MiB before the
 command starts (as the fuzzer's fork server does), and report their peak RSS (``VmHWM``) at exit.
@@ -213,9 +210,6 @@ MANIFEST_BOMBS = {
 }
 
 
-@pytest.mark.xfail(strict=True, reason="manifest bodies decompress into a buffer sized by MAX_BODY_BYTES (4 GiB) "
-                                       "or the frame's claimed size, not by what the image can need "
-                                       "(fix on the hostile-formats branch)")
 @pytest.mark.parametrize("bomb", sorted(MANIFEST_BOMBS))
 def test_a_manifest_body_that_decompresses_far_beyond_its_size_is_refused_within_256_mib(world, tmp_path, bomb):
     # target manifest, cases manifest-13, manifest-20, manifest-115, manifest-60
@@ -226,8 +220,6 @@ def test_a_manifest_body_that_decompresses_far_beyond_its_size_is_refused_within
     assert done["rss_mib"] <= LIMIT_MIB
 
 
-@pytest.mark.xfail(strict=True, reason="the stream's manifest is decoded as a manifest file is (same bug as the "
-                                       "manifest bombs; fix on the hostile-formats branch)")
 def test_a_stream_whose_manifest_is_a_decompression_bomb_is_refused_within_256_mib(world, tmp_path):
     # target stream, case stream-62 (the stream's manifest replaced by a sealed 1 GiB body)
     manifest = seal_manifest_body(_bomb_1gib_bin())
@@ -238,8 +230,6 @@ def test_a_stream_whose_manifest_is_a_decompression_bomb_is_refused_within_256_m
     assert done["rss_mib"] <= LIMIT_MIB
 
 
-@pytest.mark.xfail(strict=True, reason="'checksum.algorithm' is looked up in a dict before its type is checked: "
-                                       "TypeError (sketch/manifest.py _decode)")
 @pytest.mark.parametrize("value", [{}, [1, 2]])
 def test_a_manifest_checksum_algorithm_of_an_unhashable_type_is_a_format_error(world, value):
     # target manifest, cases manifest-451 ({}) and manifest-1464 ([1, 2])
@@ -252,8 +242,6 @@ def test_a_manifest_checksum_algorithm_of_an_unhashable_type_is_a_format_error(w
 # -- bundles ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="a bundle frame is decompressed whole before its raw length is compared: "
-                                       "1 GiB for a frame that declares 220 KiB (fix on the hostile-formats branch)")
 def test_a_bundle_frame_that_decompresses_past_its_declared_length_is_refused_within_256_mib(world, tmp_path):
     # target bundle, cases bundle-22 (1 GiB of zeros) and bundle-175 (1 GiB in a msgpack bin)
     header, frames = bundle_parts(world["valid.bundle"])
@@ -265,8 +253,6 @@ def test_a_bundle_frame_that_decompresses_past_its_declared_length_is_refused_wi
     assert done["rss_mib"] <= LIMIT_MIB
 
 
-@pytest.mark.xfail(strict=True, reason="bundle ranges are checked with start + count in int64, which wraps: "
-                                       "IndexError in apply (sketch/bundle.py BundleReader)")
 @pytest.mark.parametrize("start, count", [((1 << 63) - 1, (1 << 63) - 1), (1 << 62, 1 << 62)])
 def test_bundle_ranges_whose_end_overflows_64_bits_are_refused_in_one_line(world, tmp_path, start, count):
     # target bundle, cases bundle-71 (2^63-1, 2^63-1) and bundle-206 (2^62, 2^62)
@@ -283,8 +269,6 @@ def test_bundle_ranges_whose_end_overflows_64_bits_are_refused_in_one_line(world
 # -- streams ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="receive reads the manifest length the stream header claims in one read() "
-                                       "(a 4 GiB buffer) before any byte arrives (fix on the hostile-formats branch)")
 @pytest.mark.parametrize("claimed", [(1 << 32) - 1, 1 << 31])
 def test_a_stream_header_claiming_a_huge_manifest_is_refused_within_256_mib(world, tmp_path, claimed):
     # target stream, cases stream-76 (2^32-1) and the 2^31 ones of the same mutation
@@ -298,8 +282,6 @@ def test_a_stream_header_claiming_a_huge_manifest_is_refused_within_256_mib(worl
 # -- ranges files ----------------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="ranges are made a numpy int64 array before their range is checked: "
-                                       "OverflowError (sketch/ranges.py read_ranges_file)")
 @pytest.mark.parametrize("pairs", [[[10 ** 30, 1]], [[-(2 ** 63), 2 ** 63]], [[2 ** 64, 1]], [[5, 2 ** 64 - 5]]])
 def test_a_ranges_file_with_integers_beyond_64_bits_is_a_format_error(world, tmp_path, pairs):
     # target ranges, cases ranges-7, ranges-14 and the 2^64 ones of the same mutation
@@ -311,8 +293,6 @@ def test_a_ranges_file_with_integers_beyond_64_bits_is_a_format_error(world, tmp
         read_ranges_file(str(path), manifest.manifest_id, manifest.total_blocks)
 
 
-@pytest.mark.xfail(strict=True, reason="json.loads raises RecursionError, not ValueError, on deep nesting "
-                                       "(sketch/ranges.py read_ranges_file)")
 def test_a_deeply_nested_ranges_file_is_a_format_error(world, tmp_path):
     # target ranges, the "ranges file text replaced" cases (100,000 nested lists)
     path = tmp_path / "r.json"
@@ -339,8 +319,6 @@ def qemu_raw(path: Path) -> bytes:
 
 
 @pytest.mark.tools("qemu-img")
-@pytest.mark.xfail(strict=True, reason="a virtual size that is not a multiple of 512 is read to the byte, while "
-                                       "QEMU's disk ends at the last whole sector (sketch/qcow2.py)")
 @pytest.mark.parametrize("size", [511, 513, 4095, (1 << 20) + 1])
 def test_a_qcow2_virtual_size_off_the_sector_grid_reads_as_qemu_img_reads_it(world, tmp_path, size):
     # target qcow2, cases qcow2-720 (511), qcow2-342 (513), qcow2-1360 (4095), qcow2-878 (1 MiB + 1)
@@ -358,9 +336,6 @@ def test_a_qcow2_virtual_size_off_the_sector_grid_reads_as_qemu_img_reads_it(wor
 
 
 @pytest.mark.tools("qemu-img")
-@pytest.mark.xfail(strict=True, reason="bit 0 of an L2 entry (zero cluster) only exists from version 3; in a "
-                                       "version 2 image QEMU calls it corruption, blocksketch reads zeros "
-                                       "(sketch/qcow2.py)")
 def test_a_zero_flag_in_a_version_2_qcow2_is_refused_not_read_as_zeros(world, tmp_path):
     # target qcow2, cases qcow2-1326, qcow2-1397, qcow2-951, qcow2-index-2 (v2: an L2 entry | 1);
     # qemu-img: "Zero cluster entry found in pre-v3 image"
@@ -380,9 +355,6 @@ def test_a_zero_flag_in_a_version_2_qcow2_is_refused_not_read_as_zeros(world, tm
 
 
 @pytest.mark.tools("qemu-img")
-@pytest.mark.xfail(strict=True, reason="a backing file under /proc is read (its size says 0, its reads give bytes): "
-                                       "send streams blocks its own manifest does not describe, which receive "
-                                       "rejects (sketch/qcow2.py, sketch/blocks.py)")
 def test_send_refuses_a_qcow2_backed_by_a_file_under_proc(world, tmp_path):
     # target qcow2, case qcow2-1474 (overlay: backing file /proc/self/environ)
     base = tmp_path / "base.qcow2"
@@ -395,8 +367,6 @@ def test_send_refuses_a_qcow2_backed_by_a_file_under_proc(world, tmp_path):
 
 
 @pytest.mark.tools("qemu-img")
-@pytest.mark.xfail(strict=True, reason="index reads a qcow2's backing file wherever its name points (confinement "
-                                       "to the image's directory is on the index-hygiene branch)")
 def test_index_never_reads_a_backing_file_outside_the_image_directory(world, tmp_path):
     # target qcow2-index, cases qcow2-index-101 and qcow2-index-235 (backing name ../../canary.raw)
     outside = tmp_path / "outside.raw"
@@ -469,8 +439,6 @@ def test_a_catalogue_time_no_listing_can_print_is_refused_in_one_line(world, tmp
 from tests.test_server import service  # noqa: E402, F401 - the real `blocksketch serve` fixture
 
 
-@pytest.mark.xfail(strict=True, reason="json.loads raises RecursionError on deep nesting, which decode_body does not "
-                                       "catch: 500 (server/app.py; fix on the service branch)")
 @pytest.mark.parametrize("path", ["/v1/rank", "/v1/manifest"])
 @pytest.mark.parametrize("nesting", ["lists", "maps"])
 def test_a_deeply_nested_json_body_is_a_400(request, path, nesting):
