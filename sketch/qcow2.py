@@ -363,6 +363,8 @@ class Qcow2Image:
                 self.backing_name = raw_name.decode()
             except UnicodeDecodeError:
                 raise self._fail("backing file name is not valid UTF-8") from None
+            if "\0" in self.backing_name:
+                raise self._fail("backing file name holds a NUL byte")
             if not self.backing_name:
                 self.backing_name = None
 

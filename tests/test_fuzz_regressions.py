@@ -355,6 +355,24 @@ def test_a_zero_flag_in_a_version_2_qcow2_is_refused_not_read_as_zeros(world, tm
 
 
 @pytest.mark.tools("qemu-img")
+def test_a_backing_file_name_holding_a_nul_byte_is_refused_in_one_line(world, tmp_path):
+    # target qcow2, cases qcow2-183, qcow2-645 of the second run (after the fixes): a backing name
+    # with a NUL made every path call raise ValueError, an internal error
+    subprocess.run(["qemu-img", "create", "-f", "qcow2", str(tmp_path / "base.qcow2"), "1M"], check=True,
+                   capture_output=True)
+    disk = tmp_path / "disk.qcow2"
+    subprocess.run(["qemu-img", "create", "-f", "qcow2", "-u", "-b", "base.qcow2", "-F", "qcow2", str(disk), "1M"],
+                   check=True, capture_output=True)
+    data = bytearray(disk.read_bytes())
+    name_offset, = struct.unpack_from(">Q", data, 8)
+    data[name_offset + 4] = 0  # "base\0qcow2"
+    disk.write_bytes(data)
+    for args, output in ((["compare", str(disk), str(disk)], None),
+                         (["send", str(disk), "--to", HOST, "-o", "s.stream"], tmp_path / "s.stream")):
+        assert_refused(blocksketch(args, tmp_path, world), output, "NUL byte")
+
+
+@pytest.mark.tools("qemu-img")
 def test_send_refuses_a_qcow2_backed_by_a_file_under_proc(world, tmp_path):
     # target qcow2, case qcow2-1474 (overlay: backing file /proc/self/environ)
     base = tmp_path / "base.qcow2"
