@@ -587,24 +587,6 @@ def _open_local(path: str, image_format: str | None, identity: FileIdentity | No
         raise ImageError(f"local image of the index cannot be read: {exc}") from None
 
 
-def _copy_dups(fd: int, manifest: Manifest, progress: Progress | None) -> int:
-    block_size = manifest.block_size
-    start, length = manifest.runs_of(DUP)
-    per_piece = max(1, COPY_BYTES // block_size)
-    copied = 0
-    for first, count, origin in zip(start.tolist(), length.tolist(), manifest.dup_origin.tolist()):
-        for done in range(0, count, per_piece):
-            n = min(per_piece, count - done)
-            data = os.pread(fd, n * block_size, (origin + done) * block_size)
-            if len(data) != n * block_size:
-                raise ImageError("cannot re-read the partial output")
-            _pwrite_all(fd, data, (first + done) * block_size)
-        copied += count
-        if progress:
-            progress(count * block_size)
-    return copied
-
-
 def _pwrite_all(fd: int, data, offset: int) -> None:
     view = memoryview(data)
     while len(view):

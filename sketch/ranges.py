@@ -92,13 +92,6 @@ def ranges_mask(total_blocks: int, start: np.ndarray, count: np.ndarray) -> np.n
     return np.cumsum(delta[:-1]) > 0
 
 
-def mask_ranges(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Inverse of :func:`ranges_mask`: the maximal runs of True."""
-    edges = np.diff(np.concatenate(([0], mask.astype(np.int8), [0])))
-    start = np.flatnonzero(edges == 1)
-    return start, np.flatnonzero(edges == -1) - start
-
-
 def write_ranges_file(path: str, manifest_id: bytes, block_size: int, start: np.ndarray, count: np.ndarray,
                       force: bool = False) -> None:
     """Write a ranges file (atomically, as :func:`sketch.output.write_atomic`)."""
