@@ -15,16 +15,15 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 import numpy as np
 import pytest
 
 from sketch.sample import random_blocks, write_image
-from tests.redis_server import RedisProcess, free_port
+from tests.redis_server import RedisProcess
+from tests.service_process import running_service
 
 BLOCK_SIZE = 512
 CLUSTER = 64 << 10  # qcow2's default cluster size
@@ -136,26 +135,8 @@ def fleet(tmp_path_factory, flows_redis) -> Fleet:
 def service(fleet, tmp_path_factory):
     token_file = tmp_path_factory.mktemp("flows-token") / "token"
     token_file.write_text(TOKEN)
-    port = free_port()
-    process = subprocess.Popen([sys.executable, "-m", "cli", "serve", "--bind", f"127.0.0.1:{port}",
-                                "--token-file", str(token_file), "--redis", fleet.redis_url],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if process.poll() is not None or time.monotonic() > deadline:
-            process.kill()
-            raise RuntimeError(f"service did not start: {process.stderr.read().decode()}")
-        time.sleep(0.1)
-    yield url, str(token_file)
-    process.terminate()
-    process.wait(timeout=20)
-    process.stderr.close()
+    with running_service(str(token_file), fleet.redis_url) as url:
+        yield url, str(token_file)
 
 
 def move(flow: str, source: str, host: str, out: Path, fleet: Fleet, service) -> dict:

@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from sketch.sample import write_sample_fleet
-from tests.redis_server import free_port
+from tests.service_process import running_service
 
 TOKEN = "s3cret-token-for-tests"
 
@@ -37,26 +37,9 @@ def fleet(tmp_path, redis_url):
 def service(tmp_path, redis_url):
     token_file = tmp_path / "token"
     token_file.write_text(TOKEN + "\n")
-    port = free_port()
-    process = subprocess.Popen([sys.executable, "-m", "cli", "serve", "--bind", f"127.0.0.1:{port}",
-                                "--token-file", str(token_file), "--redis", redis_url, "--max-body-mib", "1"],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 20
-    while True:
-        try:
-            if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if process.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"service did not start: {process.stderr.read().decode()}")
-        time.sleep(0.1)
-    client = httpx.Client(base_url=base, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=60)
-    yield client
-    client.close()
-    process.terminate()
-    process.wait(timeout=10)
+    with running_service(str(token_file), redis_url, "--max-body-mib", "1") as base, \
+            httpx.Client(base_url=base, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=60) as client:
+        yield client
 
 
 def test_healthz_needs_no_token_and_reports_redis(service):
